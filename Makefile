@@ -1,0 +1,20 @@
+# The two commands of the README: `make run` (tiny tier, end to end) and `make test`.
+# Each creates or reuses .venv and installs only what pyproject.toml newly asks for.
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+run: $(STAMP)
+	$(PY) -m stages.toy --out demo/toy
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/train_step.py

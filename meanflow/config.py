@@ -1,0 +1,165 @@
+"""The one place that reads parameters: load params.yaml, validate it against the JSON schema
+(which also supplies defaults), resolve tier and experiment overrides into a typed config.
+
+A resolved config is `defaults <- tiers[tier] <- experiments[name]`, deep-merged, then checked
+against `$defs/config` of workflow/schemas/params.schema.yaml. Each section becomes a frozen
+dataclass generated from the schema, so the schema is the single definition of every key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_PATH = ROOT / "workflow" / "schemas" / "params.schema.yaml"
+PARAMS_PATH = ROOT / "params.yaml"
+SECTIONS = ("data", "model", "meanflow", "train", "sample")
+
+
+class ConfigError(ValueError):
+    """A parameter is missing or invalid; the message names the file, key and value."""
+
+
+# --------------------------------------------------------------------------- schema
+@cache
+def schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _with_defaults(cls):
+    """jsonschema's documented recipe: a validator that fills in `default`s as it validates."""
+    validate_props = cls.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, sch):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if "default" in sub and key not in instance:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from validate_props(validator, properties, instance, sch)
+
+    return jsonschema.validators.extend(cls, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _validate(instance: Any, sch: dict, where: str) -> None:
+    full = {**sch, "$defs": schema()["$defs"]}
+    errors = sorted(_Validator(full).iter_errors(instance), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for e in errors:
+            key = ".".join(str(p) for p in e.absolute_path) or "<top>"
+            lines.append(f"  {key}: {e.message}")
+        raise ConfigError(f"{where}: invalid parameters\n" + "\n".join(lines))
+
+
+# --------------------------------------------------------------------------- typed sections
+_PY = {"integer": int, "number": float, "boolean": bool, "string": str, "array": list, "object": dict}
+
+
+def _section_class(name: str):
+    props = schema()["$defs"][name]["properties"]
+
+    def py_type(p):
+        t = p.get("type", "string" if "enum" in p else "object")
+        ts = [t] if isinstance(t, str) else t
+        types = tuple(_PY[x] for x in ts if x != "null")
+        return types[0] if len(types) == 1 else Any
+
+    fields = [(k, py_type(p)) for k, p in props.items()]
+    cls = dataclasses.make_dataclass(name.capitalize() + "Config", fields, frozen=True)
+    cls.__doc__ = f"Section `{name}` of a resolved config (fields from params.schema.yaml)."
+    return cls
+
+
+@cache
+def section_classes() -> dict[str, type]:
+    return {s: _section_class(s) for s in SECTIONS}
+
+
+def _freeze(v):
+    return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A resolved configuration: one tier, optionally one experiment."""
+
+    tier: str
+    experiment: str | None
+    data: Any
+    model: Any
+    meanflow: Any
+    train: Any
+    sample: Any
+    raw: dict = dataclasses.field(repr=False, compare=False, hash=False)
+
+    @property
+    def params_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:10]
+
+    def extra(self, section: str) -> dict:
+        """Keys a stage added to an open section (data, train, sample) beyond the schema's."""
+        known = {f.name for f in dataclasses.fields(getattr(self, section))}
+        return {k: v for k, v in self.raw[section].items() if k not in known}
+
+
+def deep_merge(base: dict, over: dict | None) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def build(raw: dict, tier: str = "custom", experiment: str | None = None, where: str = "config") -> Config:
+    """Validate a (partial) config dict, fill defaults and return the typed Config."""
+    raw = copy.deepcopy(raw or {})
+    _validate(raw, {"$ref": "#/$defs/config"}, where)
+    classes = section_classes()
+    sections = {}
+    for s in SECTIONS:
+        known = {f.name for f in dataclasses.fields(classes[s])}
+        sections[s] = classes[s](**{k: _freeze(v) for k, v in raw[s].items() if k in known})
+    if not raw["meanflow"]["t_start"] <= raw["meanflow"]["t_end"]:
+        raise ConfigError(f"{where}: meanflow.t_start ({raw['meanflow']['t_start']}) > meanflow.t_end ({raw['meanflow']['t_end']})")
+    return Config(tier=tier, experiment=experiment, raw=raw, **sections)
+
+
+# --------------------------------------------------------------------------- params.yaml
+def load_params(path: str | Path = PARAMS_PATH) -> dict:
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such parameters file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    _validate(params, {k: v for k, v in schema().items() if k != "$defs"}, str(path))
+    return params
+
+
+def resolve(params: dict, tier: str | None = None, experiment: str | None = None, where: str = "params.yaml") -> Config:
+    tier = tier or params["tier"]
+    if tier not in params["tiers"]:
+        raise ConfigError(f"{where}: tier {tier!r} not in tiers ({', '.join(params['tiers'])})")
+    raw = deep_merge(params.get("defaults") or {}, params["tiers"][tier])
+    if experiment is not None:
+        exps = params.get("experiments") or {}
+        if experiment not in exps:
+            raise ConfigError(f"{where}: experiment {experiment!r} not in experiments")
+        raw = deep_merge(raw, exps[experiment])
+    label = f"{where} [tier {tier}" + (f", experiment {experiment}]" if experiment else "]")
+    return build(raw, tier, experiment, label)
+
+
+def load(path: str | Path = PARAMS_PATH, tier: str | None = None, experiment: str | None = None) -> Config:
+    return resolve(load_params(path), tier, experiment, where=str(path))

@@ -1,0 +1,31 @@
+"""Backbones predicting the average velocity u(z, r, t), all called as net(z, t, h=t-r, y)."""
+from __future__ import annotations
+
+from torch import nn
+
+from .dit import DIT_CONFIGS, DiT
+
+
+def build_model(cfg) -> nn.Module:
+    """Build the backbone a resolved Config names (cfg.model, with shapes from cfg.data)."""
+    m, d = cfg.model, cfg.data
+    if m.arch == "dit":
+        if m.name in DIT_CONFIGS:
+            depth, hidden, heads, patch = DIT_CONFIGS[m.name]
+        else:
+            missing = [k for k in ("depth", "hidden", "heads", "patch") if getattr(m, k) is None]
+            if missing:
+                raise ValueError(f"model.name {m.name!r} is not one of {sorted(DIT_CONFIGS)}; "
+                                 f"a custom DiT needs model.{', model.'.join(missing)}")
+            depth, hidden, heads, patch = m.depth, m.hidden, m.heads, m.patch
+        return DiT(input_size=d.input_size, patch=patch, in_channels=d.channels, hidden=hidden, depth=depth,
+                   heads=heads, mlp_ratio=m.mlp_ratio, num_classes=d.num_classes, time_cond=m.time_cond,
+                   t_scale=m.t_scale)
+    if m.arch == "unet":
+        from .unet import UNet
+        return UNet.from_config(cfg)
+    if m.arch == "mlp":
+        from .mlp import MLP
+        return MLP(dim=d.channels, hidden=m.hidden or 256, depth=m.depth or 4, num_classes=d.num_classes,
+                   time_cond=m.time_cond, t_scale=m.t_scale)
+    raise ValueError(f"model.arch: unknown architecture {m.arch!r}")

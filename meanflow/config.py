@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,22 @@ class Config:
     @property
     def params_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:10]
+
+    @property
+    def run_id(self) -> str:
+        """Readable name plus a hash of everything that shapes the trained weights (data, model,
+        meanflow, train), so identical configurations asked for by several table rows train once."""
+        key = {s: self.raw[s] for s in ("data", "model", "meanflow", "train")}
+        key["train"] = {k: v for k, v in key["train"].items() if k != "runs_root"}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+        m = self.model
+        name = m.name if m.name != "custom" else f"{m.arch}-d{m.depth}-h{m.hidden}"
+        return f"{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}-{digest}"
+
+    @property
+    def run_dir(self) -> Path:
+        """runs/<tier>/<run_id>: checkpoints, final EMA weights, samples and metrics of one run."""
+        return Path(self.raw["train"].get("runs_root", "runs")) / self.tier / self.run_id
 
     def extra(self, section: str) -> dict:
         """Keys a stage added to an open section (data, train, sample) beyond the schema's."""

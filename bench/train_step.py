@@ -1,0 +1,132 @@
+"""Train-step time and peak memory: MeanFlow against Flow Matching (ratio 0) on the same small DiT
+and batch, for both jvp strategies. Times are interleaved in one process (medians of rounds);
+peak memory is measured per variant in a fresh subprocess (CUDA: max_memory_allocated; CPU:
+peak RSS above the RSS just before the first step). Prints ratios against Flow Matching.
+
+    python bench/train_step.py [--rounds 7] [--steps 5] [--batch 32] [--device cpu]
+Targets (issue 2): MeanFlow/FM step time <= 1.3, peak memory <= 1.5.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from meanflow import config  # noqa: E402
+from meanflow.models import build_model  # noqa: E402
+from meanflow.objective import MeanFlow  # noqa: E402
+from meanflow.training import make_optimizer, select_device, train_step  # noqa: E402
+
+VARIANTS = {
+    "fm": {"ratio": 0.0},
+    "mf_joint": {"ratio": 0.25, "strategy": "joint"},
+    "mf_split": {"ratio": 0.25, "strategy": "split"},
+    "mf100_joint": {"ratio": 1.0, "strategy": "joint"},
+    "mf100_split": {"ratio": 1.0, "strategy": "split"},
+}
+
+
+def setup(args, variant):
+    cfg = config.build({
+        "data": {"channels": 4, "input_size": args.size, "num_classes": 10},
+        "model": {"name": "custom", "depth": args.depth, "hidden": args.hidden, "heads": args.heads, "patch": 2},
+        "meanflow": {**VARIANTS[variant], "omega": 1.0},
+        "train": {"lr": 1e-4},
+    })
+    device = select_device(args.device)
+    torch.manual_seed(0)
+    net = build_model(cfg).to(device)
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(args.batch, 4, args.size, args.size, device=device, generator=g)
+    y = torch.randint(0, 10, (args.batch,), device=device, generator=g)
+    return net, make_optimizer(net, cfg.train), MeanFlow(cfg.meanflow, 10), x, y, g, device
+
+
+def timed(state, steps):
+    net, opt, obj, x, y, g, device = state
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(obj, net, opt, x, y, generator=g)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field)).split()[1])
+
+
+def peak_memory_child(args, variant):
+    """Runs in a subprocess: bytes of peak memory of `steps` train steps."""
+    state = setup(args, variant)
+    device = state[-1]
+    timed(state, 1)  # the optimiser's state exists from here on, for every variant alike
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        timed(state, 2)
+        return torch.cuda.max_memory_allocated() - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+    base = rss_kib()
+    timed(state, 2)
+    return (rss_kib("VmHWM") - base) * 1024
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=16, help="input size (tokens = (size/2)^2)")
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(peak_memory_child(args, args.memory_child)))
+        return
+
+    states = {v: setup(args, v) for v in VARIANTS}
+    for s in states.values():
+        timed(s, 2)  # warm-up
+    times = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):  # interleaved so that machine noise hits every variant alike
+        for v, s in states.items():
+            times[v].append(timed(s, args.steps))
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+
+    argv = [a for a in sys.argv[1:]]
+    mem = {}
+    for v in VARIANTS:
+        out = subprocess.run([sys.executable, __file__, *argv, "--memory-child", v],
+                             capture_output=True, text=True, check=True)
+        mem[v] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    print(f"device {states['fm'][-1]}, DiT depth {args.depth} hidden {args.hidden}, "
+          f"{(args.size // 2) ** 2} tokens, batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
+    print(f"{'variant':<12} {'ms/step':>9} {'time/FM':>8} {'peak MiB':>9} {'mem/FM':>7}")
+    for v in VARIANTS:
+        print(f"{v:<12} {1000 * med[v]:9.1f} {med[v] / med['fm']:8.2f} {mem[v] / 2**20:9.1f} {mem[v] / mem['fm']:7.2f}")
+    best = min(("mf_joint", "mf_split"), key=med.get)
+    print(f"fastest MeanFlow strategy at ratio 0.25: {best.split('_')[1]} "
+          f"(time ratio {med[best] / med['fm']:.2f}, target <= 1.3; memory ratio {mem[best] / mem['fm']:.2f}, target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 # jvp tangents of (r, t) for each Table 1b variant "(v, dr, dt)"
 TANGENTS = {"v01": (0.0, 1.0), "v00": (0.0, 0.0), "v10": (1.0, 0.0), "v11": (1.0, 1.0)}
@@ -25,6 +26,16 @@ class LossOutput:
     loss_unweighted: torch.Tensor  # squared error summed over C, H, W, batch mean
     mse: torch.Tensor             # squared error to the target, mean over every element
     v_loss: torch.Tensor          # squared error of u to the unguided v, summed over C, H, W, batch mean
+
+
+def jvp(fn, primals, tangents, api: str = "func"):
+    """(fn(*primals), its directional derivative along tangents), through torch.func.jvp or the
+    torch.autograd.forward_ad dual-tensor API (same rules; fewer wrapper layers per op)."""
+    if api == "func":
+        return torch.func.jvp(fn, primals, tangents)
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents))))
+        return out.primal, out.tangent
 
 
 def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -122,10 +133,10 @@ class MeanFlow:
         fp32 = torch.autocast(z.device.type, enabled=False) if c.jvp_fp32 else nullcontext()
         with fp32:
             if c.strategy == "joint":  # gradients flow through the jvp's primal output
-                u_mf, dudt = torch.func.jvp(u_fn, (z[mf], rm, tm), tangents)
+                u_mf, dudt = jvp(u_fn, (z[mf], rm, tm), tangents, c.jvp_api)
             else:  # the tangent without a graph; one plain forward below carries gradients
                 with torch.no_grad():
-                    _, dudt = torch.func.jvp(u_fn, (z[mf], rm, tm), tangents)
+                    _, dudt = jvp(u_fn, (z[mf], rm, tm), tangents, c.jvp_api)
         if c.strategy == "joint" and len(mf) < len(t):
             fm = (t == r).nonzero().squeeze(1)
             u_fm = grad_net(z[fm], t[fm], t[fm] - r[fm], None if y_in is None else y_in[fm])

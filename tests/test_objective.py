@@ -45,10 +45,10 @@ def batch(n=6, seed=1, num_classes=3):
 
 # ---------------------------------------------------------------------------- jvp target
 @pytest.mark.parametrize("tangent", sorted(TANGENTS))
-@pytest.mark.parametrize("strategy", ["joint", "split"])
-def test_target_matches_central_differences(tangent, strategy):
+@pytest.mark.parametrize("strategy,api", [("joint", "func"), ("split", "func"), ("joint", "forward_ad")])
+def test_target_matches_central_differences(tangent, strategy, api):
     net, (x, e, y, t, r) = tiny_dit(), batch()
-    mf = MeanFlow(mf_cfg(tangent=tangent, strategy=strategy), num_classes=3)
+    mf = MeanFlow(mf_cfg(tangent=tangent, strategy=strategy, jvp_api=api), num_classes=3)
     z, v = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * e, e - x
     u, u_tgt = mf.u_and_target(net, z, t, r, v, y)
 
@@ -196,16 +196,21 @@ def test_loss_against_hand_computation(p, strategy):
         assert 0.5 < out.loss.item() < 1.0  # weighted loss sits near 1 when p = 1
 
 
-def test_joint_and_split_give_the_same_gradients():
+def test_strategies_and_jvp_apis_give_the_same_loss_and_gradients():
     x, e, y, t, r = batch()
+    r[:2] = t[:2]
     drop = torch.zeros(len(t), dtype=torch.bool)
-    grads = []
+    results = []
     for strategy in ("joint", "split"):
-        net = tiny_dit()
-        MeanFlow(mf_cfg(strategy=strategy), 3)(net, x, y, e=e, t=t, r=r, drop=drop).loss.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-8)
-    assert grads[0].abs().sum() > 0
+        for api in ("func", "forward_ad"):
+            net = tiny_dit()
+            out = MeanFlow(mf_cfg(strategy=strategy, jvp_api=api), 3)(net, x, y, e=e, t=t, r=r, drop=drop)
+            out.loss.backward()
+            results.append((out.loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])))
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(grad, results[0][1], atol=1e-10, rtol=1e-8)
+    assert results[0][1].abs().sum() > 0
 
 
 def test_flow_matching_is_ratio_zero():

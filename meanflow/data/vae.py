@@ -1,0 +1,62 @@
+"""The latent tiers' VAE: diffusers' AutoencoderKL from a hub id (pinned revision) or a local
+directory, loaded from safetensors only, and the encoding the store keeps: posterior mean and
+std of each image and of its horizontal flip, encoded separately."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..manifest import file_hash
+from .fetch import DataError
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def resolve(name: str, revision: str | None = None) -> Path:
+    """A local directory holding config.json and the safetensors weights."""
+    p = Path(name).expanduser()
+    if p.is_dir():
+        local = p
+    elif p.is_absolute() or name.startswith(".") or name.count("/") != 1:
+        raise DataError(f"data.vae = {name!r}: not a directory, nor a hub id like stabilityai/sd-vae-ft-mse")
+    else:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+        try:
+            local = Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=["config.json", WEIGHTS]))
+        except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+            raise DataError(f"data.vae = {name!r} (revision {revision}): cannot fetch it ({type(e).__name__}: {e}); "
+                            "offline, give a local diffusers directory") from None
+    for f in ("config.json", WEIGHTS):
+        if not (local / f).is_file():
+            raise DataError(f"{local / f}: missing (data.vae = {name!r} needs a diffusers AutoencoderKL in safetensors)")
+    return local
+
+
+def load(name: str, revision: str | None = None, device: str | torch.device = "cpu"):
+    """(vae, info) with info = {name, revision, sha256 of weights and config} for manifests."""
+    from diffusers import AutoencoderKL
+    local = resolve(name, revision)
+    vae = AutoencoderKL.from_pretrained(local, use_safetensors=True, torch_dtype=torch.float32)
+    # channels_last: oneDNN (CPU) and cuDNN convolutions run faster on NHWC activations
+    vae = vae.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    info = {"name": name, "revision": revision, "weights_sha256": file_hash(local / WEIGHTS),
+            "config_sha256": file_hash(local / "config.json")}
+    return vae, info
+
+
+@torch.inference_mode()
+def encode_pair(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: B x 3 x H x W in [-1, 1]. Returns fp16 (mean, std), each B x 2 x C x h x w, index 1 of
+    dim 1 being the posterior of the flipped image. Two forwards of B rather than one of 2B: the
+    same work, and on CPU the smaller activations stay in cache."""
+    posts = [vae.encode(v.contiguous(memory_format=torch.channels_last)).latent_dist for v in (x, x.flip(-1))]
+    return (torch.stack([p.mean for p in posts], 1).half(), torch.stack([p.std for p in posts], 1).half())
+
+
+def latent_shape(vae, resolution: int) -> tuple[int, int, int]:
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % f:
+        raise DataError(f"data.resolution = {resolution} is not a multiple of the VAE's downsampling factor {f}")
+    return vae.config.latent_channels, resolution // f, resolution // f

@@ -118,7 +118,7 @@ class MeanFlow:
 
         Rows with r = t have target v_g whatever du/dt is, so the jvp runs on the r != t rows
         only: its cost scales with `ratio`. Forwards outside the jvp go through `grad_net`."""
-        c, grad_net = self.cfg, grad_net or net
+        c, grad_net = self.cfg, net if grad_net is None else grad_net
         mf = (t != r).nonzero().squeeze(1)
         if len(mf) == 0:  # Flow Matching: no jvp at all
             return _full(grad_net(z, t, t - r, y_in)), v_g.detach()

@@ -1,7 +1,8 @@
 """The one place that reads parameters: load params.yaml, validate it against the JSON schema
 (which also supplies defaults), resolve tier and experiment overrides into a typed config.
 
-A resolved config is `defaults <- tiers[tier] <- experiments[name]`, deep-merged, then checked
+A resolved config is `defaults <- tiers[tier] <- experiments[name] <- experiments[name].tiers[tier]`,
+deep-merged, then checked
 against `$defs/config` of workflow/schemas/params.schema.yaml. Each section becomes a frozen
 dataclass generated from the schema, so the schema is the single definition of every key.
 """
@@ -113,7 +114,8 @@ class Config:
         """Readable name plus a hash of everything that shapes the trained weights (data, model,
         meanflow, train), so identical configurations asked for by several table rows train once."""
         key = {s: self.raw[s] for s in ("data", "model", "meanflow", "train")}
-        key["train"] = {k: v for k, v in key["train"].items() if k != "runs_root"}
+        # where and how often a run is logged or saved does not change its weights
+        key["train"] = {k: v for k, v in key["train"].items() if k not in RUN_NEUTRAL}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
         m = self.model
         name = m.name if m.name != "custom" else f"{m.arch}-d{m.depth}-h{m.hidden}"
@@ -128,6 +130,9 @@ class Config:
         """Keys a stage added to an open section (data, train, sample) beyond the schema's."""
         known = {f.name for f in dataclasses.fields(getattr(self, section))}
         return {k: v for k, v in self.raw[section].items() if k not in known}
+
+
+RUN_NEUTRAL = ("runs_root", "device", "ckpt_every", "keep_ckpts", "log_every", "compile")
 
 
 def deep_merge(base: dict, over: dict | None) -> dict:
@@ -173,7 +178,9 @@ def resolve(params: dict, tier: str | None = None, experiment: str | None = None
         exps = params.get("experiments") or {}
         if experiment not in exps:
             raise ConfigError(f"{where}: experiment {experiment!r} not in experiments")
-        raw = deep_merge(raw, exps[experiment])
+        exp = dict(exps[experiment] or {})
+        per_tier = (exp.pop("tiers", None) or {}).get(tier)   # an experiment's own tier adjustments, applied last
+        raw = deep_merge(deep_merge(raw, exp), per_tier)
     label = f"{where} [tier {tier}" + (f", experiment {experiment}]" if experiment else "]")
     return build(raw, tier, experiment, label)
 

@@ -1,0 +1,180 @@
+"""The pipeline wiring: params -> table-row map -> Snakemake DAG == dvc.yaml. Dry-run based; the
+rerun tests use fake stage outputs in a temp copy of the repository (no stage runs)."""
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meanflow import config, tables
+from stages import dvcgen
+
+ROOT = config.ROOT
+TIERS = ("tiny", "cifar10", "imagenet")
+BIN = Path(sys.executable).parent
+COPY = ["Snakefile", "workflow", "meanflow", "stages", "params.yaml", "reference", "dvc.yaml"]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return config.load_params()
+
+
+def copy_repo(dst: Path) -> Path:
+    for name in COPY:
+        src = ROOT / name
+        (shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+         else shutil.copy2(src, dst / name))
+    return dst
+
+
+def smk(cwd, *args, check=True):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    r = subprocess.run([BIN / "snakemake", "--profile", "workflow/profiles/default", *args],
+                       cwd=cwd, capture_output=True, text=True, env=env)
+    if check and r.returncode:
+        raise AssertionError(r.stdout[-3000:] + r.stderr[-3000:])
+    return r
+
+
+def dry_jobs(cwd, tier):
+    """{rule: count} and [(rule, outputs, command)] of `snakemake -n` for a tier."""
+    out = smk(cwd, "-n", "--config", f"tier={tier}").stdout
+    jobs = []
+    for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", out):
+        m = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        if not m or m.group(1) == "all":
+            continue
+        outs = re.search(r"^    output: (.*)$", block, re.M).group(1).split(", ")
+        cmd = re.search(r"^(?:Shell command: )?(python -m stages\..*)$", block, re.M)
+        jobs.append((m.group(1), outs, cmd and cmd.group(1).strip()))
+    return jobs
+
+
+# --------------------------------------------------------------------------- params and table map
+def test_every_paper_row_is_a_table_row(params):
+    with open(ROOT / "reference" / "paper_results.csv") as f:
+        paper = {(r["table"], r["row"], int(r["nfe"])) for r in csv.DictReader(f)}
+    ours = {(r.table, r.row, r.nfe) for t in TIERS for r in tables.plan(params, t)}
+    assert paper == ours
+
+
+def test_identical_configs_share_one_run(params):
+    rows = {(r.table, r.row): r.run_id for r in tables.plan(params, "imagenet")}
+    defaults = [("1a", "ratio_25"), ("1b", "tangent_v01"), ("1c", "embed_t_tmr"), ("1d", "sampler_ln_m0.4_s1.0"),
+                ("1e", "p_1.0"), ("1f", "omega_1.0")]
+    assert len({rows[k] for k in defaults}) == 1
+    assert rows[("1f", "omega_2.0")] == rows[("5", "kappa_0.0")]
+    assert rows[("2", "MF-XL/2")] == rows[("2", "MF-XL/2-2nfe")]
+    assert len(set(rows.values())) == 31
+
+
+def test_per_tier_experiment_overrides(params):
+    tiny = config.resolve(params, "tiny", "MF-CIFAR10")
+    assert (tiny.model.arch, tiny.model.channels, tiny.data.num_classes) == ("unet", 32, 0)
+    assert config.resolve(params, "cifar10", "MF-CIFAR10").model.name == "unet-cifar10"
+    xl = config.resolve(params, "tiny", "MF-XL/2"), config.resolve(params, "imagenet", "MF-XL/2")
+    assert xl[0].model.name == "custom" and xl[0].train.steps < 10_000
+    assert (xl[1].model.name, xl[1].train.steps, xl[1].meanflow.kappa, xl[1].meanflow.t_end) == ("MF-XL/2", 1_200_000, 0.92, 0.75)
+
+
+def test_dvc_yaml_is_current(params):
+    assert (ROOT / "dvc.yaml").read_text() == dvcgen.render(params), "run: python -m stages.dvcgen"
+
+
+# --------------------------------------------------------------------------- Snakemake == DVC
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return copy_repo(tmp_path_factory.mktemp("repo"))
+
+
+def dvc_stages(cwd):
+    """DVC's own resolution of dvc.yaml (foreach expanded): {name: (cmd, outs)}."""
+    code = ("from dvc.repo import Repo; import json; r = Repo('.'); print(json.dumps({s.addressing: "
+            "[s.cmd, [str(o.def_path) for o in s.outs]] for s in r.index.stages}))")
+    if not (cwd / ".dvc").exists():
+        subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=cwd, check=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=True)
+    return yaml.safe_load(r.stdout)
+
+
+def nested(a, b):
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_snakemake_and_dvc_agree(repo, tier):
+    jobs = dry_jobs(repo, tier)
+    dvc = {n: v for n, v in dvc_stages(repo).items() if re.search(rf"-{tier}(@|$)", n)}
+    assert sorted(c for _, _, c in jobs) == sorted(c for c, _ in dvc.values())
+    by_cmd = {c: outs for c, outs in dvc.values()}
+    for rule, outs, cmd in jobs:   # every output on one side is, holds or lies in one on the other
+        douts = by_cmd[cmd]
+        assert all(any(nested(o, d) for d in douts) for o in outs), (rule, outs, douts)
+        assert all(any(nested(o, d) for o in outs) for d in douts), (rule, outs, douts)
+
+
+def test_imagenet_dry_run_lists_the_paper_dag(repo):
+    rules = [r for r, _, _ in dry_jobs(repo, "imagenet")]
+    assert {r: rules.count(r) for r in set(rules)} == {
+        "acquire": 1, "encode": 1, "refstats": 1, "train": 31, "sample": 31, "fid": 31, "tables": 1}
+
+
+# --------------------------------------------------------------------------- validation and reruns
+def test_invalid_value_fails_before_any_job(tmp_path):
+    repo = copy_repo(tmp_path)
+    p = repo / "params.yaml"
+    p.write_text(p.read_text().replace("ratio_0: {meanflow: {ratio: 0.0}}", "ratio_0: {meanflow: {ratio: 2.0}}"))
+    r = smk(repo, "-n", check=False)
+    assert r.returncode != 0
+    assert "meanflow.ratio" in r.stdout + r.stderr and "ratio_0" in r.stdout + r.stderr
+    assert "Job stats" not in r.stdout
+
+
+FAKE = """import argparse, pathlib, sys
+from meanflow import config, tables
+p = argparse.ArgumentParser(); p.add_argument("--params"); p.add_argument("--tier"); p.add_argument("--experiment")
+p.add_argument("--no-progress", action="store_true"); a = p.parse_args()
+P = config.load_params(a.params); cfg = config.resolve(P, a.tier, a.experiment); d = pathlib.Path("data", a.tier)
+r = cfg.run_dir; nfe = list(cfg.sample.nfe)
+outs = {"acquire": [d / "raw/index.json"], "encode": [d / "store/manifest.json"], "refstats": [d / "refstats.npz"],
+        "features": [d / "feature_net.safetensors"], "train": [r / "ema.safetensors", r / "train_manifest.json", r / "dvclive/plots/metrics/loss.tsv"],
+        "sample": [r / f"samples_nfe{k}/x" for k in nfe], "fid": [r / f"metrics_nfe{k}.json" for k in nfe]}
+if STAGE == "tables":
+    tables.build(P, a.tier)
+for o in outs.get(STAGE, []):
+    o.parent.mkdir(parents=True, exist_ok=True); o.write_text("{}")
+"""
+
+
+@pytest.fixture(scope="module")
+def done_repo(tmp_path_factory):
+    """A temp copy whose tiny tier ran with fake stages (they only write their outputs)."""
+    repo = copy_repo(tmp_path_factory.mktemp("done"))
+    for stage in ORDER:
+        (repo / "stages" / f"{stage}.py").write_text(f"STAGE = {stage!r}\n" + FAKE)
+    smk(repo, "--cores", "2", "--config", "tier=tiny")
+    return repo
+
+
+ORDER = ["acquire", "encode", "refstats", "features", "train", "sample", "fid", "tables"]
+
+
+def test_second_run_does_nothing(done_repo):
+    t = time.perf_counter()
+    out = smk(done_repo, "-n").stdout
+    assert "Nothing to be done" in out
+    assert time.perf_counter() - t < 15
+
+
+def test_one_value_change_reruns_one_chain(done_repo):
+    p = done_repo / "params.yaml"
+    p.write_text(p.read_text().replace("p_1p5: {meanflow: {p: 1.5}}", "p_1p5: {meanflow: {p: 1.6}}"))
+    rules = [r for r, _, _ in dry_jobs(done_repo, "tiny")]
+    assert sorted(rules) == ["fid", "sample", "tables", "train"]

@@ -22,12 +22,59 @@ def file_hash(path: str | Path, algo: str = "sha256", chunk: int = 1 << 22) -> s
     return h.hexdigest()
 
 
+KEY_PACKAGES = ("torch", "torchvision", "numpy", "diffusers", "timm", "torch-fidelity", "safetensors",
+                "snakemake", "snakemake-executor-plugin-slurm", "dvc", "dvclive")
+
+
+def _package_versions() -> dict:
+    from importlib import metadata
+    out = {}
+    for name in KEY_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(cwd: str | Path | None = None) -> dict:
+    """The source tree's commit and whether it had uncommitted changes (None outside a git tree)."""
+    import subprocess
+    cwd = str(cwd or Path(__file__).resolve().parent.parent)
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return {"commit": None, "dirty": None}
+        st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                            capture_output=True, text=True, timeout=30)
+        return {"commit": rev.stdout.strip(), "dirty": bool(st.stdout.strip()) if st.returncode == 0 else None}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
 def environment() -> dict:
+    """Where an output was made: host, Python, platform, accelerator (model, count, CUDA/cuDNN),
+    key package versions, the git commit, and the SLURM job when there is one."""
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-           "platform": platform.platform(), "host": platform.node()}
-    if torch.cuda.is_available():
-        env["cuda"] = torch.version.cuda
-        env["gpu"] = torch.cuda.get_device_name(0)
+           "platform": platform.platform(), "host": platform.node(), "cpus": os.cpu_count()}
+    env["gpu_count"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    env["gpu"] = torch.cuda.get_device_name(0) if env["gpu_count"] else None
+    env["cuda"] = torch.version.cuda
+    env["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    if env["gpu_count"]:
+        names = {torch.cuda.get_device_name(i) for i in range(env["gpu_count"])}
+        if len(names) > 1:
+            env["gpus"] = sorted(names)
+    env["packages"] = _package_versions()
+    env["git"] = git_commit()
+    slurm = {k: os.environ[v] for k, v in (("job_id", "SLURM_JOB_ID"), ("nodes", "SLURM_JOB_NUM_NODES"),
+                                           ("cluster", "SLURM_CLUSTER_NAME"), ("partition", "SLURM_JOB_PARTITION"))
+             if v in os.environ}
+    if slurm:
+        env["slurm"] = slurm
+    for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        if k in os.environ:
+            env[k.lower()] = int(os.environ[k])
     return env
 
 

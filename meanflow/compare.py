@@ -1,0 +1,275 @@
+"""Cross-cluster comparison of two result sets, and export of one run's metrics and manifests.
+
+A result set is a directory (a project checkout after `dvc pull`, or an unpacked bundle) holding
+results/<tier>/tables/*.csv, runs/<tier>/<run>/{metrics_nfe*.json, *manifest.json}, and manifests
+of data/<tier>; or a bundle written by `export` (a .tar.gz with the same layout and bundle.json).
+
+`compare(a, b, tol)` returns a Markdown report: every table's FIDs side by side with deltas and a
+verdict against `tol`, the params that differ, the environments that differ, and which artifacts
+are bit-identical (by sha256). Rows whose result sets were made from different params are flagged,
+not silently compared."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meanflow import manifest
+
+BUNDLE_META = "bundle.json"
+# what a bundle carries: metrics, tables, manifests, logs; never weights, samples or data shards
+EXPORT_SUFFIXES = (".json", ".csv", ".md", ".tex", ".tsv", ".png", ".yaml")
+EXCLUDE_DIRS = ("checkpoints",)
+
+
+class CompareError(ValueError):
+    """A result set is missing, unreadable, or lacks what the comparison needs."""
+
+
+@dataclass
+class ResultSet:
+    name: str
+    root: Path
+    files: dict = field(default_factory=dict)        # relpath -> sha256
+    rows: dict = field(default_factory=dict)         # (tier, table, row, nfe) -> csv row
+    manifests: dict = field(default_factory=dict)    # relpath -> manifest dict
+    meta: dict = field(default_factory=dict)         # bundle.json, if any
+
+    @property
+    def params_hashes(self) -> dict:
+        """tier -> sorted params hashes seen in its manifests."""
+        out = {}
+        for rel, m in self.manifests.items():
+            if isinstance(m, dict) and m.get("params_hash"):
+                out.setdefault(m.get("tier") or rel.split("/")[1], set()).add(m["params_hash"])
+        return {t: sorted(v) for t, v in out.items()}
+
+    def env(self) -> dict:
+        """The environment of the result set, flattened; keys whose value varies between manifests
+        of the same set are reported as a set of values."""
+        seen: dict = {}
+        for m in self.manifests.values():
+            if isinstance(m, dict) and isinstance(m.get("env"), dict):
+                for k, v in _flatten(m["env"]).items():
+                    seen.setdefault(k, set()).add(json.dumps(v, sort_keys=True))
+        return {k: (json.loads(next(iter(v))) if len(v) == 1 else sorted(v)) for k, v in seen.items()}
+
+    def params(self) -> dict:
+        """Flattened resolved configs from the manifests that carry one (train manifests), per run."""
+        out = {}
+        for rel, m in self.manifests.items():
+            if isinstance(m, dict) and isinstance(m.get("config"), dict):
+                run = m.get("run_id") or rel
+                for k, v in _flatten(m["config"]).items():
+                    out[f"{m.get('tier', '?')}/{run}: {k}"] = v
+        if self.meta.get("params"):
+            for k, v in _flatten(self.meta["params"]).items():
+                out[f"params.yaml: {k}"] = v
+        return out
+
+
+def _flatten(d, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _unpack(bundle: Path, into: Path) -> Path:
+    try:
+        with tarfile.open(bundle, "r:*") as tf:
+            tf.extractall(into, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise CompareError(f"{bundle}: not a readable bundle ({e})") from e
+    return into
+
+
+def load(path: str | Path, name: str | None = None, workdir: Path | None = None) -> ResultSet:
+    """Read a result set from a directory or a bundle (.tar.gz)."""
+    path = Path(path)
+    if not path.exists():
+        raise CompareError(f"result set {path} does not exist")
+    root = path
+    if path.is_file():
+        if workdir is None:
+            raise CompareError(f"{path}: a bundle needs a working directory to unpack into")
+        root = _unpack(path, Path(tempfile.mkdtemp(dir=workdir)))
+    rs = ResultSet(name=name or str(path), root=root)
+    if (root / BUNDLE_META).exists():
+        rs.meta = json.loads((root / BUNDLE_META).read_text())
+    elif (root / "params.yaml").is_file():  # a checkout: its params file, as a bundle records it
+        import yaml
+        rs.meta = {"params": yaml.safe_load((root / "params.yaml").read_text())}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name == BUNDLE_META or p.name.startswith("."):
+            continue
+        rel = p.relative_to(root).as_posix()
+        if not rel.startswith(("results/", "runs/", "data/")):
+            continue
+        rs.files[rel] = manifest.file_hash(p)
+        parts = rel.split("/")
+        if parts[0] == "results" and len(parts) >= 4 and parts[2] == "tables" and p.suffix == ".csv":
+            with open(p, newline="") as f:
+                for r in csv.DictReader(f):
+                    # column names as meanflow.tables writes them ("our FID", "NFE") or snake_case
+                    r = {k.strip().lower().replace(" ", "_"): v for k, v in r.items() if k}
+                    table = r.get("table") or p.stem.removeprefix("table_")
+                    key = (parts[1], table, r.get("row", ""), str(r.get("nfe", "")))
+                    rs.rows[key] = r
+        elif p.suffix == ".json" and ("manifest" in p.name or p.name.startswith("metrics")):
+            try:
+                rs.manifests[rel] = json.loads(p.read_text())
+            except json.JSONDecodeError as e:
+                raise CompareError(f"{rs.name}: {rel} is not valid JSON ({e})") from e
+    if not rs.rows:
+        raise CompareError(f"result set {path} has no results/<tier>/tables/*.csv (nothing to compare; "
+                           "was `dvc pull` run, does the remote hold the tables?)")
+    return rs
+
+
+def _num(x):
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def _fmt(v, nd=2):
+    return "—" if v is None else f"{v:.{nd}f}"
+
+
+@dataclass
+class Report:
+    text: str
+    rows_ok: int
+    rows_bad: int            # outside tolerance, missing on a side, or params differ
+    params_differ: bool
+
+
+def compare(a: ResultSet, b: ResultSet, tol: float = 1.0) -> Report:
+    lines = [f"# Result-set comparison", "", f"- A: `{a.name}`", f"- B: `{b.name}`",
+             f"- tolerance: |FID_A - FID_B| <= {tol}", ""]
+    ph_a, ph_b = a.params_hashes, b.params_hashes
+    tiers = sorted({k[0] for k in a.rows} | {k[0] for k in b.rows})
+    differ_tiers = {t for t in tiers if ph_a.get(t) != ph_b.get(t)}
+    ok = bad = 0
+    lines += ["## FID by table", ""]
+    for tier in tiers:
+        keys = sorted({k for k in (*a.rows, *b.rows) if k[0] == tier},
+                      key=lambda k: (k[1], k[2], int(k[3]) if k[3].isdigit() else 0))
+        if tier in differ_tiers:
+            lines.append(f"**{tier}: params differ** (A {ph_a.get(tier) or 'none'}, B {ph_b.get(tier) or 'none'}); "
+                         "rows are flagged, not compared.\n")
+        lines += [f"### {tier}", "", "| table | row | NFE | paper | A | B | B - A | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k in keys:
+            ra, rb = a.rows.get(k), b.rows.get(k)
+            fa, fb = _num(ra and ra.get("our_fid")), _num(rb and rb.get("our_fid"))
+            paper = _num((ra or rb).get("paper_fid"))
+            delta = fb - fa if fa is not None and fb is not None else None
+            if ra is None or rb is None:
+                verdict = "MISSING in " + ("A" if ra is None else "B")
+            elif tier in differ_tiers:
+                verdict = "PARAMS DIFFER"
+            elif fa is None or fb is None:
+                verdict = "NO FID"
+            elif abs(delta) <= tol:
+                verdict = "ok"
+            else:
+                verdict = "OUT OF TOLERANCE"
+            ok += verdict == "ok"
+            bad += verdict != "ok"
+            lines.append(f"| {k[1]} | {k[2]} | {k[3]} | {_fmt(paper)} | {_fmt(fa)} | {_fmt(fb)} | "
+                         f"{'—' if delta is None else f'{delta:+.2f}'} | {verdict} |")
+        lines.append("")
+    lines += [f"Rows within tolerance: {ok}; flagged: {bad}.", ""]
+
+    # ---- params
+    pa, pb = a.params(), b.params()
+    diff = sorted(k for k in set(pa) | set(pb) if pa.get(k) != pb.get(k))
+    lines += ["## Params that differ", ""]
+    for t in tiers:
+        if ph_a.get(t) != ph_b.get(t):
+            lines.append(f"- `{t}` params hash: A `{', '.join(ph_a.get(t, [])) or 'none'}`, "
+                         f"B `{', '.join(ph_b.get(t, [])) or 'none'}`")
+    if diff:
+        lines += ["", "| key | A | B |", "|---|---|---|"]
+        lines += [f"| {k} | {pa.get(k, '—')} | {pb.get(k, '—')} |" for k in diff[:200]]
+    if not diff and not differ_tiers:
+        lines.append("None: same params hash and resolved configs.")
+    lines.append("")
+
+    # ---- environment
+    ea, eb = a.env(), b.env()
+    ediff = sorted(k for k in set(ea) | set(eb) if ea.get(k) != eb.get(k))
+    lines += ["## Environments that differ", ""]
+    if ediff:
+        lines += ["| key | A | B |", "|---|---|---|"]
+        lines += [f"| {k} | {ea.get(k, '—')} | {eb.get(k, '—')} |" for k in ediff]
+    else:
+        lines.append("None recorded.")
+    lines.append("")
+
+    # ---- artifacts
+    common = sorted(set(a.files) & set(b.files))
+    same = [r for r in common if a.files[r] == b.files[r]]
+    changed = [r for r in common if a.files[r] != b.files[r]]
+    lines += ["## Artifacts", "", f"{len(same)} bit-identical, {len(changed)} differ, "
+              f"{len(set(a.files) - set(b.files))} only in A, {len(set(b.files) - set(a.files))} only in B.", ""]
+    lines += ["| artifact | sha256 A | sha256 B | identical |", "|---|---|---|---|"]
+    for r in common:
+        lines.append(f"| {r} | {a.files[r][:12]} | {b.files[r][:12]} | {'yes' if r in same else 'no'} |")
+    for r in sorted(set(a.files) ^ set(b.files)):
+        lines.append(f"| {r} | {a.files.get(r, '—')[:12]} | {b.files.get(r, '—')[:12]} | missing |")
+    lines.append("")
+    return Report("\n".join(lines), ok, bad, bool(diff or differ_tiers))
+
+
+# --------------------------------------------------------------------------- export
+def export(root: str | Path, tier: str, out: str | Path, force: bool = False) -> Path:
+    """Bundle a run's tables, metrics, manifests and logs of one tier (no weights, samples or data)
+    into a .tar.gz with bundle.json (file list with sha256, params, environment)."""
+    root, out = Path(root), Path(out)
+    if out.exists() and not force:
+        raise CompareError(f"{out} exists; refusing to overwrite (use --force)")
+    tables = root / "results" / tier / "tables"
+    if not tables.is_dir() or not any(tables.glob("*.csv")):
+        raise CompareError(f"no tables under {tables}: run the pipeline (or `dvc pull`) for tier {tier!r} first")
+    members = []
+    for top in ("results", "runs", "data"):
+        base = root / top / tier
+        if not base.is_dir():
+            continue
+        for p in sorted(base.rglob("*")):
+            rel = p.relative_to(root)
+            if (p.is_file() and p.suffix in EXPORT_SUFFIXES and not any(d in rel.parts for d in EXCLUDE_DIRS)
+                    and (top != "data" or "manifest" in p.name or p.suffix == ".json")):
+                members.append(rel)
+    params = None
+    if (root / "params.yaml").exists():
+        import yaml
+        params = yaml.safe_load((root / "params.yaml").read_text())
+    meta = manifest.stamp(tier=tier, files={m.as_posix(): manifest.file_hash(root / m) for m in members},
+                          params=params)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = manifest.tmp_path(out)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / BUNDLE_META).write_text(json.dumps(meta, indent=1) + "\n")
+        with tarfile.open(tmp, "w:gz") as tf:
+            tf.add(Path(d) / BUNDLE_META, arcname=BUNDLE_META)
+            for m in members:
+                tf.add(root / m, arcname=m.as_posix())
+    if out.exists() and not force:  # appeared meanwhile
+        tmp.unlink()
+        raise CompareError(f"{out} exists; refusing to overwrite (use --force)")
+    tmp.replace(out)
+    return out

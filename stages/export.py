@@ -1,0 +1,27 @@
+"""Bundle one tier's tables, metrics, run manifests and logs (no weights, samples or data shards)
+for comparison on another cluster:
+
+    python -m stages.export --tier T --out bundle.tar.gz [--root .] [--force]
+
+Exit codes: 0 written; 2 nothing to export, or --out exists without --force."""
+import argparse
+
+from meanflow import compare
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m stages.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tier", required=True, help="tier to export")
+    p.add_argument("--out", required=True, help="bundle path (.tar.gz)")
+    p.add_argument("--root", default=".", help="project directory holding results/, runs/, data/ (default: .)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    args = p.parse_args(argv)
+    try:
+        print(compare.export(args.root, args.tier, args.out, force=args.force))
+    except compare.CompareError as e:
+        p.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench
+.PHONY: run test bench report
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 # the whole tiny tier (every table) through Snakemake; a second call with nothing changed does nothing
 run: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/snakemake --profile workflow/profiles/default --config tier=tiny
+
+report: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/snakemake --profile workflow/profiles/default --config tier=tiny --report results/tiny/report.html
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -160,19 +160,6 @@ def _done(out: Path, k: int) -> bool:
     return (out / DONE.format(k)).exists() and (out / SHARD.format(k)).exists()
 
 
-def _check_plan(out: Path, plan: dict) -> None:
-    """Shards of an earlier run are reused only if made with the same weights and settings."""
-    if (out / PLAN).exists():
-        old = json.loads((out / PLAN).read_text())
-        diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-        if diff:
-            raise SampleError(f"{out / PLAN}: these samples were started with other weights or settings "
-                              f"({', '.join(diff)}); delete {out} to start over")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        manifest.write_json(out / PLAN, plan)
-
-
 def worker_of(shard: int = 0, num_shards: int = 1) -> tuple[int, int]:
     """(worker, workers): job `shard` of `num_shards` times torchrun's RANK of WORLD_SIZE."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -239,7 +226,7 @@ class Sampler:
         if (out / MANIFEST).exists():
             log.info("%s exists: samples already made", out / MANIFEST)
             return out / MANIFEST
-        _check_plan(out, self.plan(nfe, times))
+        manifest.check_plan(out / PLAN, self.plan(nfe, times), SampleError, "other weights or settings")
         ranges = _ranges(s.n, s.shard_size)
         mine = [k for k in range(worker, len(ranges), workers) if not _done(out, k)]
         for k in mine:  # leftovers of a killed run

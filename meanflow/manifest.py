@@ -101,6 +101,21 @@ def write_json(path: str | Path, obj) -> Path:
     return path
 
 
+def check_plan(path: str | Path, plan: dict, error: type[Exception], what: str) -> None:
+    """Resume guard of a sharded output: write `plan` to `path` the first time; later, refuse (with
+    `error`, naming the keys) if the plan differs, since shards made under another plan must not mix.
+    `what` says what the plan pins down, e.g. "other inputs or settings"."""
+    path = Path(path)
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        if diff:
+            raise error(f"{path}: this output was started with {what} ({', '.join(diff)}); "
+                        f"delete {path.parent} to start over")
+    else:
+        write_json(path, plan)
+
+
 def save_npy(path: str | Path, arr: np.ndarray) -> Path:
     path = Path(path)
     tmp = tmp_path(path)

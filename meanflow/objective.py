@@ -10,11 +10,15 @@ Flow Matching is ratio = 0: every row has r = t and the target is v_g.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as fwAD
+
+# torch scripts its own jvp decompositions on the first forward-AD call, warning about itself
+warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
 
 # jvp tangents of (r, t) for each Table 1b variant "(v, dr, dt)"
 TANGENTS = {"v01": (0.0, 1.0), "v00": (0.0, 0.0), "v10": (1.0, 0.0), "v11": (1.0, 1.0)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -58,15 +59,32 @@ def runs(params: dict, tier: str) -> dict[str, dict]:
 
 # Source files each stage runs: Snakemake inputs and DVC deps (a code change reruns what it affects).
 CODE = {
-    "acquire": ["stages/acquire.py", "meanflow/config.py", "meanflow/data/*.py"],
-    "encode": ["stages/encode.py", "meanflow/data/*.py"],
-    "refstats": ["stages/refstats.py", "meanflow/data/reference.py"],
-    "features": ["stages/features.py", "meanflow/metrics/*.py"],
-    "train": ["stages/train.py", "meanflow/training.py", "meanflow/objective.py", "meanflow/models/*.py"],
-    "sample": ["stages/sample.py", "meanflow/generate.py", "meanflow/sampling.py", "meanflow/models/*.py"],
-    "fid": ["stages/fid.py", "meanflow/metrics/*.py"],
-    "tables": ["stages/tables.py", "meanflow/tables.py"],
+    "acquire": ["stages/acquire.py", "stages/__init__.py", "meanflow/config.py", "meanflow/data/*.py"],
+    "encode": ["stages/encode.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/data/*.py"],
+    "refstats": ["stages/refstats.py", "stages/__init__.py", "meanflow/data/reference.py"],
+    "features": ["stages/features.py", "stages/__init__.py", "meanflow/metrics/*.py"],
+    "train": ["stages/train.py", "stages/__init__.py", "meanflow/training.py", "meanflow/objective.py", "meanflow/models/*.py"],
+    "sample": ["stages/sample.py", "stages/__init__.py", "meanflow/generate.py", "meanflow/manifest.py", "meanflow/sampling.py", "meanflow/models/*.py"],
+    "fid": ["stages/fid.py", "stages/__init__.py", "meanflow/metrics/*.py"],
+    "tables": ["stages/tables.py", "stages/__init__.py", "meanflow/tables.py"],
 }
+
+
+LAUNCHED = ("train", "sample")   # started through meanflow.launch (torchrun with one worker per GPU)
+
+
+def resources(tier: str) -> dict[str, dict]:
+    """Cluster resources of the GPU stages (Snakemake rules; the tiny tier is CPU-only)."""
+    gpu = tier != "tiny"
+    hours = {"train": 48, "sample": 6, "fid": 2}
+    return {s: dict(gpu=int(gpu), cpus_per_gpu=8 if gpu else 0, runtime=h * 60 if gpu else 30,
+                    mem_mb=(64000 if s == "train" else 32000) if gpu else 2000) for s, h in hours.items()}
+
+
+def launcher(stage: str, tier: str) -> str:
+    """The stage's launcher prefix on one machine (DVC's commands; Snakemake's for default resources)."""
+    from meanflow import launch
+    return launch.command(resources(tier)[stage]["gpu"]) if stage in LAUNCHED else "python"
 
 
 def code(stage: str) -> list[str]:
@@ -149,7 +167,19 @@ def build(params: dict, tier: str, out: str | Path = "results") -> Path:
         tex += ["\\bottomrule", "\\end{tabular}"]
         Path(f"{base}.tex").write_text("\n".join(tex) + "\n")
     _plots(params, tier, rows, root / "plots")
+    _grids(rows, root / "grids")
     return root
+
+
+def _grids(rows, out: Path):
+    """Each row's sample grid (samples_nfe{k}/grid.png of its run) as grids/table_<t>_<row>.png."""
+    import shutil
+    out.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        src = Path(r.run_dir) / f"samples_nfe{r.nfe}" / "grid.png"
+        if src.exists():
+            name = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"table_{r.table}_{r.row}")
+            shutil.copyfile(src, out / f"{name}.png")
 
 
 def _tex(s: str) -> str:

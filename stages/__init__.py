@@ -1,1 +1,34 @@
-"""Pipeline stages: one thin CLI each (python -m stages.<name> --help): argparse -> one library call."""
+"""One thin CLI per pipeline stage (`python -m stages.<name> --help`). What they share lives here:
+the --params/--tier/--experiment options, logging, and bad input reported as one `error:` line
+with exit code 1 (the library's errors name the file, key or value at fault)."""
+import argparse
+import logging
+
+from meanflow import config
+
+
+def parser(name: str, doc: str, experiment: str | None = None) -> argparse.ArgumentParser:
+    """The stage's parser with --params and --tier, and --experiment when `experiment` (its help) is given."""
+    p = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default=str(config.PARAMS_PATH), help="parameters file (default: %(default)s)")
+    p.add_argument("--tier", help="tier to run (default: the file's `tier`)")
+    if experiment:
+        p.add_argument("--experiment", help=experiment)
+    return p
+
+
+EXPERIMENT = "named experiment of the file's `experiments` (default: the tier's base config)"
+
+
+def run(p: argparse.ArgumentParser, fn, *errors: type[Exception]) -> None:
+    """Call fn() and print what it returns (each item of a list or generator); a ConfigError or
+    one of `errors` exits 1 with its message."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = fn()
+        for item in out if isinstance(out, (list, tuple)) or hasattr(out, "__next__") else [out]:
+            if item is not None:
+                print(item)
+    except (config.ConfigError, *errors) as e:
+        p.exit(1, f"error: {e}\n")

@@ -5,32 +5,27 @@ train_manifest.json}. Multi-GPU: torchrun --nproc-per-node N -m stages.train ...
 Exit codes: 0 done (or already done), 1 error (bad parameters, missing store, non-finite loss;
 the last good checkpoint is kept), 75 pre-empted (SIGTERM or SIGUSR1: a checkpoint was written at
 the end of the current step; run the same command again to resume, e.g. on SLURM requeue)."""
-import argparse
-import logging
 
 from meanflow import config, data, training
+from stages import EXPERIMENT, parser, run
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m stages.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default=str(config.PARAMS_PATH), help="parameters file (default: %(default)s)")
-    p.add_argument("--tier", help="tier to run (default: the file's `tier`)")
-    p.add_argument("--experiment", help="named experiment of the file's `experiments` (default: the tier's base config)")
+    p = parser("train", __doc__, EXPERIMENT)
     p.add_argument("--steps", type=int, help="override train.steps (a different run: the run id hashes the train config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def train():
         cfg = config.load(args.params, tier=args.tier, experiment=args.experiment)
         if args.steps is not None:
             raw = config.deep_merge(cfg.raw, {"train": {"steps": args.steps}})
             cfg = config.build(raw, cfg.tier, cfg.experiment, where=f"{args.params} with --steps {args.steps}")
-        print(training.train(cfg, progress=not args.no_progress))
+        return training.train(cfg, progress=not args.no_progress)
+    try:
+        run(p, train, data.DataError, training.TrainError)
     except training.Preempted as e:
         p.exit(training.EXIT_PREEMPTED, f"{e}\n")
-    except (config.ConfigError, data.DataError, training.TrainError) as e:
-        p.exit(1, f"error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def dry_jobs(cwd, tier):
         if not m or m.group(1) == "all":
             continue
         outs = re.search(r"^    output: (.*)$", block, re.M).group(1).split(", ")
-        cmd = re.search(r"^(?:Shell command: )?(python -m stages\..*)$", block, re.M)
+        cmd = re.search(r"^(?:Shell command: )?((?:python|torchrun) .*-m stages\..*)$", block, re.M)
         jobs.append((m.group(1), outs, cmd and cmd.group(1).strip()))
     return jobs
 
@@ -77,7 +77,9 @@ def test_identical_configs_share_one_run(params):
 
 def test_per_tier_experiment_overrides(params):
     tiny = config.resolve(params, "tiny", "MF-CIFAR10")
-    assert (tiny.model.arch, tiny.model.channels, tiny.data.num_classes) == ("unet", 32, 0)
+    own = params["experiments"]["MF-CIFAR10"]["tiers"]["tiny"]["model"]["channels"]
+    assert own != config.resolve(params, "cifar10", "MF-CIFAR10").model.channels
+    assert (tiny.model.arch, tiny.model.channels, tiny.data.num_classes) == ("unet", own, 0)
     assert config.resolve(params, "cifar10", "MF-CIFAR10").model.name == "unet-cifar10"
     xl = config.resolve(params, "tiny", "MF-XL/2"), config.resolve(params, "imagenet", "MF-XL/2")
     assert xl[0].model.name == "custom" and xl[0].train.steps < 10_000
@@ -178,3 +180,24 @@ def test_one_value_change_reruns_one_chain(done_repo):
     p.write_text(p.read_text().replace("p_1p5: {meanflow: {p: 1.5}}", "p_1p5: {meanflow: {p: 1.6}}"))
     rules = [r for r, _, _ in dry_jobs(done_repo, "tiny")]
     assert sorted(rules) == ["fid", "sample", "tables", "train"]
+
+
+def test_tables_rows_values_and_grids(params, tmp_path, monkeypatch):
+    """tables.build puts each row's metric (fd_digits on tiny) beside the paper's FID and copies
+    the row's sample grid; rows without metrics stay empty."""
+    monkeypatch.chdir(tmp_path)
+    rows = {r.row: r for r in tables.plan(params, "tiny")}
+    r0, r25 = rows["ratio_0"], rows["ratio_25"]
+    for r, v in ((r0, 41.5), (r25, 7.25)):
+        (Path(r.run_dir) / "samples_nfe1").mkdir(parents=True)
+        (Path(r.run_dir) / "samples_nfe1" / "grid.png").write_bytes(b"png " + r.row.encode())
+        (Path(r.run_dir) / "metrics_nfe1.json").write_text(
+            f'{{"metric": "fd_digits", "value": {v}, "fd_digits": {v}}}')
+    root = tables.build(params, "tiny", out=tmp_path / "results")
+    recs = list(csv.DictReader(open(root / "tables" / "table_1a.csv")))
+    got = {x["row"]: x["our FID"] for x in recs}
+    assert got["ratio_0"] == "41.5" and got["ratio_25"] == "7.25" and got["ratio_50"] == ""
+    assert [x["paper FID"] for x in recs][:2] == ["328.91", "61.06"]
+    assert (root / "grids" / "table_1a_ratio_0.png").read_bytes() == b"png ratio_0"
+    assert "| ratio_25 |" in (root / "tables" / "table_1a.md").read_text()
+    assert not (root / "grids" / "table_1a_ratio_50.png").exists()

@@ -37,6 +37,26 @@ def test_profile_dry_run_imagenet():
         assert f"\n{rule} " in out, f"rule {rule} missing from the job stats:\n{out[-3000:]}"
 
 
+def test_rules_launch_torchrun_per_gpu_and_srun_across_nodes():
+    """The train/sample commands follow the job's resources: python on tiny (CPU), torchrun with
+    one worker per GPU on one node, and srun + torchrun (c10d rendezvous) across nodes."""
+    def shell_commands(*args):
+        r = _snakemake("-n", "-p", "--profile", str(PROFILE), *args, cwd=ROOT, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return [l for l in (r.stdout + r.stderr).splitlines() if "-m stages." in l]
+
+    tiny = shell_commands("--config", "tier=tiny")
+    assert any(l.strip().startswith("python -m stages.train") for l in tiny), tiny[:5]
+    one = shell_commands("--config", "tier=imagenet", "--set-resources", "train:gpu=8", "train:tasks_per_gpu=0")
+    assert any("torchrun --standalone --nproc-per-node=8 -m stages.train" in l for l in one), one[:5]
+    assert any("torchrun --standalone --nproc-per-node=1 -m stages.sample" in l for l in one), one[:5]
+    multi = shell_commands("--config", "tier=imagenet", "--set-resources", "train:nodes=4", "train:gpu=0",
+                           "train:gpus_per_node=8", "train:tasks_per_gpu=0")
+    train = [l for l in multi if "-m stages.train" in l]
+    assert train and all("srun --ntasks=4 --ntasks-per-node=1 torchrun --nnodes=4 --nproc-per-node=8 "
+                         "--rdzv-backend=c10d" in l for l in train), train[:3]
+
+
 SMOKE = textwrap.dedent("""
     rule all:
         input: "toy/swd.json"

@@ -140,18 +140,6 @@ def _write_shard(out: Path, k: int, rec: np.ndarray, skipped: list[str], device:
                                                "labels": rec["label"].tolist()})
 
 
-def _check_plan(out: Path, plan: dict) -> None:
-    """Shards from an earlier run are reused only if they were made from the same inputs and settings."""
-    if (out / PLAN).exists():
-        old = json.loads((out / PLAN).read_text())
-        diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-        if diff:
-            raise DataError(f"{out / PLAN}: this store was started with other inputs or settings ({', '.join(diff)}); "
-                            f"delete {out} to start over")
-    else:
-        manifest.write_json(out / PLAN, plan)
-
-
 def encode(cfg, worker: int = 0, num_workers: int = 1) -> Path | None:
     """The encode stage (or worker `worker` of `num_workers` of it). With one worker, or when
     this worker finds every shard done, it also merges. Returns the manifest path if written."""
@@ -171,7 +159,7 @@ def encode(cfg, worker: int = 0, num_workers: int = 1) -> Path | None:
     plan = {"kind": enc.kind, "shape": list(enc.shape), "dataset": d.dataset, "split": d.encode_split,
             "count": len(split), "raw_sha256": index["splits"][d.encode_split]["sha256"],
             "resolution": d.resolution, "shard_size": d.shard_size, "encode_batch": d.encode_batch, "vae": enc.info}
-    _check_plan(out, plan)
+    manifest.check_plan(out / PLAN, plan, DataError, "other inputs or settings")
     ranges = _ranges(len(split), d.shard_size)
     mine = [k for k in range(worker, len(ranges), num_workers) if not _done(out, k)]
     for k in mine:  # leftovers of a killed run

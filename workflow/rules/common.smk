@@ -1,6 +1,6 @@
 # Read + validate params.yaml before any job (an invalid value fails here, naming its key) and build
 # the run list of the tier: one train/sample/fid chain per distinct run_id, however many rows share it.
-from meanflow import config as mfconfig, tables as mftables
+from meanflow import config as mfconfig, launch, tables as mftables
 
 PARAMS = config.get("params", "params.yaml")
 try:
@@ -21,10 +21,7 @@ wildcard_constraints:
 
 CODE = {s: mftables.code(s) for s in mftables.CODE}
 DATA_HASH = mftables.data_hash(P, TIER)
-GPU = TIER != "tiny"   # cluster resources: tiny is CPU-only
-RES = {
-    "train": dict(gpu=int(GPU), cpus_per_gpu=8 if GPU else 0, runtime=48 * 60 if GPU else 30, mem_mb=64000 if GPU else 2000),
-    "sample": dict(gpu=int(GPU), cpus_per_gpu=8 if GPU else 0, runtime=6 * 60 if GPU else 10, mem_mb=32000 if GPU else 2000),
-    "fid": dict(gpu=int(GPU), cpus_per_gpu=8 if GPU else 0, runtime=2 * 60 if GPU else 10, mem_mb=32000 if GPU else 2000),
-}
+# cluster resources (tiny: CPU-only). train/sample start through meanflow.launch: python, torchrun
+# --nproc-per-node=<gpu> on one node, srun + torchrun with resources nodes and gpus_per_node
+RES = mftables.resources(TIER)
 FID_REF = mftables.fid_reference(P, TIER)   # refstats.npz, or the digits feature net on tiny

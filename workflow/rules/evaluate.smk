@@ -2,9 +2,9 @@
 rule sample:
     input: "runs/{tier}/{run}/ema.safetensors", CODE["sample"]
     output: [directory(f"runs/{{tier}}/{{run}}/samples_nfe{k}") for k in NFE]
-    params: exp=lambda w: RUNS[w.run]["experiment"], cfg=lambda w: RUNS[w.run]["hash"]
+    params: exp=lambda w: RUNS[w.run]["experiment"], cfg=lambda w: RUNS[w.run]["hash"], launch=launch.from_resources
     resources: **RES["sample"]
-    shell: "python -m stages.sample --params {PARAMS} --tier {wildcards.tier} --experiment {params.exp} --no-progress"
+    shell: "{params.launch} -m stages.sample --params {PARAMS} --tier {wildcards.tier} --experiment {params.exp} --no-progress"
 
 rule fid:
     input:

@@ -7,5 +7,6 @@ rule tables:
         expand("results/{{tier}}/tables/table_{t}.{ext}", t=TABLES, ext=["md", "csv", "tex"]),
         report(expand("results/{{tier}}/plots/{p}.png", p=["fid_vs_nfe", "fid_vs_size", "training_curves"]),
                category="Plots"),
+        report(directory("results/{tier}/grids"), patterns=["{name}.png"], category="Sample grids"),
     params: plan=mftables.plan_hash(P, TIER)
     shell: "python -m stages.tables --params {PARAMS} --tier {wildcards.tier}"

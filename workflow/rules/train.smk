@@ -6,6 +6,6 @@ rule train:
         weights="runs/{tier}/{run}/ema.safetensors",
         manifest="runs/{tier}/{run}/train_manifest.json",
         live=directory("runs/{tier}/{run}/dvclive"),
-    params: exp=lambda w: RUNS[w.run]["experiment"], cfg=lambda w: RUNS[w.run]["hash"]
+    params: exp=lambda w: RUNS[w.run]["experiment"], cfg=lambda w: RUNS[w.run]["hash"], launch=launch.from_resources
     resources: **RES["train"]
-    shell: "python -m stages.train --params {PARAMS} --tier {wildcards.tier} --experiment {params.exp} --no-progress"
+    shell: "{params.launch} -m stages.train --params {PARAMS} --tier {wildcards.tier} --experiment {params.exp} --no-progress"

@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ def file_hash(path: str | Path, algo: str = "sha256", chunk: int = 1 << 22) -> s
             h.update(block)
     return h.hexdigest()
 
+
+_T0 = time.perf_counter()   # about when the stage process started (its first meanflow import)
 
 KEY_PACKAGES = ("torch", "torchvision", "numpy", "diffusers", "timm", "torch-fidelity", "safetensors",
                 "snakemake", "snakemake-executor-plugin-slurm", "dvc", "dvclive")
@@ -79,8 +82,9 @@ def environment() -> dict:
 
 
 def stamp(cfg=None, **extra) -> dict:
-    """The common manifest fields, then the stage's own."""
-    out = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "env": environment()}
+    """The common manifest fields (time, environment, the process's wall time so far), then the stage's own."""
+    out = {"created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "env": environment(),
+           "wall_seconds": round(time.perf_counter() - _T0, 3)}
     if cfg is not None:
         out.update(tier=cfg.tier, experiment=cfg.experiment, params_hash=cfg.params_hash)
     out.update(extra)

@@ -58,15 +58,16 @@ def runs(params: dict, tier: str) -> dict[str, dict]:
 
 
 # Source files each stage runs: Snakemake inputs and DVC deps (a code change reruns what it affects).
+# manifest.py is in each: it writes every manifest and does the atomic writes.
 CODE = {
-    "acquire": ["stages/acquire.py", "stages/__init__.py", "meanflow/config.py", "meanflow/data/*.py"],
+    "acquire": ["stages/acquire.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/config.py", "meanflow/data/*.py"],
     "encode": ["stages/encode.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/data/*.py"],
-    "refstats": ["stages/refstats.py", "stages/__init__.py", "meanflow/data/reference.py"],
-    "features": ["stages/features.py", "stages/__init__.py", "meanflow/metrics/*.py"],
-    "train": ["stages/train.py", "stages/__init__.py", "meanflow/training.py", "meanflow/objective.py", "meanflow/models/*.py"],
-    "sample": ["stages/sample.py", "stages/__init__.py", "meanflow/generate.py", "meanflow/manifest.py", "meanflow/sampling.py", "meanflow/models/*.py"],
-    "fid": ["stages/fid.py", "stages/__init__.py", "meanflow/metrics/*.py"],
-    "tables": ["stages/tables.py", "stages/__init__.py", "meanflow/tables.py"],
+    "refstats": ["stages/refstats.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/data/reference.py"],
+    "features": ["stages/features.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/metrics/*.py"],
+    "train": ["stages/train.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/training.py", "meanflow/objective.py", "meanflow/models/*.py"],
+    "sample": ["stages/sample.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/generate.py", "meanflow/sampling.py", "meanflow/models/*.py"],
+    "fid": ["stages/fid.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/metrics/*.py"],
+    "tables": ["stages/tables.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/tables.py"],
 }
 
 
@@ -168,6 +169,11 @@ def build(params: dict, tier: str, out: str | Path = "results") -> Path:
         Path(f"{base}.tex").write_text("\n".join(tex) + "\n")
     _plots(params, tier, rows, root / "plots")
     _grids(rows, root / "grids")
+    from meanflow import manifest   # here: the Snakefile imports this module, and manifest imports torch
+    inputs = {str(p): manifest.file_hash(p) for r in rows
+              if (p := Path(r.run_dir) / f"metrics_nfe{r.nfe}.json").exists()}
+    manifest.write_json(root / "tables" / "manifest.json",
+                        manifest.stamp(tier=tier, plan_hash=plan_hash(params, tier), inputs=inputs))
     return root
 
 

@@ -4,7 +4,6 @@
 wall time of the tiny tier end to end (`snakemake` with the real stages, as `make run` does)."""
 import argparse
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -44,8 +43,8 @@ def main():
         subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
         tiny = [BIN / "dvc", "repro", "--glob", "*-tiny*"]
         full, _ = timed(tiny, repo)
-        names = [n for n in tp.dvc_stages(repo) if re.search(r"-tiny(@|$)", n)]  # dvc status has no --glob
-        st, out = timed([BIN / "dvc", "status", *names], repo)
+        # dvc status has no --glob; the tables stage with its upstream is the whole tier
+        st, out = timed([BIN / "dvc", "status", "tables-tiny", "--with-deps"], repo)
         assert "up to date" in out, out[-1000:]
         rep, _ = timed(tiny, repo)
         print(f"dvc, tiny tier with fake stages: first repro {full:.1f} s, no-op dvc status {st:.2f} s, "

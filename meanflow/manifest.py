@@ -3,6 +3,7 @@ Also the atomic-write helpers every stage uses (write a temp file, then os.repla
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ KEY_PACKAGES = ("torch", "torchvision", "numpy", "diffusers", "timm", "torch-fid
                 "snakemake", "snakemake-executor-plugin-slurm", "dvc", "dvclive")
 
 
+@functools.cache  # installed packages do not change under a running process; metadata reads cost ms
 def _package_versions() -> dict:
     from importlib import metadata
     out = {}
@@ -68,7 +70,7 @@ def environment() -> dict:
         names = {torch.cuda.get_device_name(i) for i in range(env["gpu_count"])}
         if len(names) > 1:
             env["gpus"] = sorted(names)
-    env["packages"] = _package_versions()
+    env["packages"] = dict(_package_versions())
     env["git"] = git_commit()
     slurm = {k: os.environ[v] for k, v in (("job_id", "SLURM_JOB_ID"), ("nodes", "SLURM_JOB_NUM_NODES"),
                                            ("cluster", "SLURM_CLUSTER_NAME"), ("partition", "SLURM_JOB_PARTITION"))

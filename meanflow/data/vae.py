@@ -38,7 +38,8 @@ def load(name: str, revision: str | None = None, device: str | torch.device = "c
     """(vae, info) with info = {name, revision, sha256 of weights and config} for manifests."""
     from diffusers import AutoencoderKL
     local = resolve(name, revision)
-    vae = AutoencoderKL.from_pretrained(local, use_safetensors=True, torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(local, use_safetensors=True, torch_dtype=torch.float32,
+                                        low_cpu_mem_usage=False)  # the same load without accelerate, and no nag
     # channels_last: oneDNN (CPU) and cuDNN convolutions run faster on NHWC activations
     vae = vae.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
     info = {"name": name, "revision": revision, "weights_sha256": file_hash(local / WEIGHTS),

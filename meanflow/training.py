@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -484,8 +485,9 @@ class Trainer:
         from . import manifest
         tc, ema_path = self.cfg.train, self.run_dir / FINAL_EMA
         tmp = manifest.tmp_path(ema_path)
-        save_model(self.ema.net, str(tmp), {"run_id": self.cfg.run_id, "step": str(tc.steps),
-                                            "params_hash": self.cfg.params_hash})
+        # one metadata key (safetensors writes several in hash order, varying the bytes per process),
+        # and no params hash (it covers paths and cadences; train_manifest.json has it): equal weights, equal bytes
+        save_model(self.ema.net, str(tmp), {"meanflow": json.dumps({"run_id": self.cfg.run_id, "step": tc.steps})})
         _fsync(tmp)
         os.replace(tmp, ema_path)
         body = manifest.stamp(self.cfg, run_id=self.cfg.run_id, steps=tc.steps, batch=tc.batch,

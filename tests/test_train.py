@@ -82,6 +82,7 @@ def assert_same_run(a: Path, b: Path):
     for fa, fb in ((a / "ema.safetensors", b / "ema.safetensors"), (ca / "model.safetensors", cb / "model.safetensors")):
         ta, tb = load_file(fa), load_file(fb)
         assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), fa.name
+        assert fa.read_bytes() == fb.read_bytes(), fa.name  # metadata included: DVC hashes the files
     oa = torch.load(ca / "state.pt", weights_only=True)["optimizer"]["state"]
     ob = torch.load(cb / "state.pt", weights_only=True)["optimizer"]["state"]
     for k in oa:

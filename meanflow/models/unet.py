@@ -33,7 +33,7 @@ class JVPAttnProcessor:
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         if encoder_hidden_states is not None or attention_mask is not None or attn.spatial_norm is not None:
-            raise NotImplementedError("JVPAttnProcessor: only plain self-attention (no context, mask, spatial norm)")
+            raise ValueError("JVPAttnProcessor: only plain self-attention (no encoder_hidden_states, attention_mask or spatial_norm)")
         B, C, H, W = hidden_states.shape  # the U-Net's blocks pass feature maps
         x = hidden_states if attn.group_norm is None else attn.group_norm(hidden_states)
         x = x.flatten(2).transpose(1, 2)

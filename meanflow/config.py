@@ -116,6 +116,9 @@ class Config:
         key = {s: self.raw[s] for s in ("data", "model", "meanflow", "train")}
         # where and how often a run is logged or saved does not change its weights
         key["train"] = {k: v for k, v in key["train"].items() if k not in RUN_NEUTRAL}
+        for (sec, k), off in OFF_DEFAULTS.items():  # keys added later: off = the runs named before them
+            if key[sec].get(k, off) == off:
+                key[sec] = {kk: v for kk, v in key[sec].items() if kk != k}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
         m = self.model
         name = m.name if m.name != "custom" else f"{m.arch}-d{m.depth}-h{m.hidden}"
@@ -133,6 +136,8 @@ class Config:
 
 
 RUN_NEUTRAL = ("runs_root", "device", "ckpt_every", "keep_ckpts", "log_every", "compile")
+# (section, key): its "off" value, which leaves the run id as it was before the key existed
+OFF_DEFAULTS = {("data", "augment"): 0.0, ("train", "warmup_steps"): 0, ("train", "epochs"): None}
 
 
 def deep_merge(base: dict, over: dict | None) -> dict:

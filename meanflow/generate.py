@@ -2,8 +2,10 @@
 layout (arr_0: N x H x W x C uint8, arr_1: labels; no arr_1 when unconditional) under
 <run_dir>/samples_nfe{k}/, plus grid.png and manifest.json.
 
-Reproducibility. Sample i has label i mod num_classes (N / num_classes per class) and noise drawn
-on the CPU from a generator seeded from (sample.seed, i) alone, so every NFE sees the same noise.
+Reproducibility. Sample i's label is uniform at random from a generator seeded from (sample.seed, i)
+(sample.labels = random, the official generator's draw) or i mod num_classes (balanced), and its noise
+is drawn on the CPU from a generator seeded from (sample.seed, i) alone, so every NFE sees the same
+noise and labels.
 Output shard k holds samples [k * shard_size, (k + 1) * shard_size), cut into fixed batches of
 sample.batch; it is the unit of work, so the bytes do not depend on how many jobs or processes
 share the shards (on one kind of device). npz files are written with fixed zip timestamps, so equal
@@ -34,6 +36,8 @@ from .sampling import sample, schedule
 log = logging.getLogger(__name__)
 SHARD, DONE, PLAN, MANIFEST, GRID = "shard-{:05d}.npz", "shard-{:05d}.json", "plan.json", "manifest.json", "grid.png"
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+LABEL_RULES = {"balanced": "i mod num_classes",
+               "random": "randint(num_classes) from torch.Generator().manual_seed(seed_of(seed, 'label/{i}'))"}
 DECODE_CHUNK = 64   # images per VAE decode: 250 at 256 px would hold tens of GB of decoder activations
 
 
@@ -56,9 +60,19 @@ def noise(seed: int, indices, shape) -> torch.Tensor:
     return out
 
 
-def labels(indices, num_classes: int) -> np.ndarray | None:
-    """Class-balanced: sample i has class i mod num_classes; None when unconditional."""
-    return np.asarray(indices, dtype=np.int64) % num_classes if num_classes else None
+def labels(indices, num_classes: int, mode: str = "balanced", seed: int = 0) -> np.ndarray | None:
+    """Labels of samples `indices`: balanced = i mod num_classes; random = uniform, label i drawn from
+    a generator seeded from (seed, i) alone (independent of sharding); None when unconditional."""
+    if not num_classes:
+        return None
+    idx = np.asarray(indices, dtype=np.int64)
+    if mode == "balanced":
+        return idx % num_classes
+    g = torch.Generator()
+    out = np.empty(len(idx), np.int64)
+    for j, i in enumerate(idx):
+        out[j] = torch.randint(num_classes, (), generator=g.manual_seed(seed_of(seed, f"label/{i}"))).item()
+    return out
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +108,8 @@ def schedules(cfg, nfes=None) -> dict[int, list[float]]:
     """NFE -> times. sample.schedule, when set, replaces the uniform schedule of its own NFE."""
     s = cfg.sample
     nfes = list(nfes or s.nfe)
-    out = {k: schedule(k) for k in nfes}
+    # 2 NFE: 1 -> sample.t_mid -> 0 (0.5: the uniform 2-step schedule of the official sampler)
+    out = {k: [1.0, float(s.t_mid), 0.0] if k == 2 else schedule(k) for k in nfes}
     if s.schedule is not None:
         times = schedule(times=s.schedule)
         if len(times) - 1 not in s.nfe:
@@ -178,9 +193,9 @@ class Sampler:
 
     def __init__(self, cfg, device=None):
         d, s = cfg.data, cfg.sample
-        if d.num_classes and s.n % d.num_classes:
+        if d.num_classes and s.labels == "balanced" and s.n % d.num_classes:
             raise SampleError(f"sample.n = {s.n} is not a multiple of data.num_classes = {d.num_classes} "
-                              "(labels are class-balanced: n / num_classes per class)")
+                              "(sample.labels = balanced: n / num_classes per class)")
         self.cfg, self.device = cfg, device or select_device(s.device)
         self.net, self.weights = load_network(cfg, self.device)
         self.weights_sha256 = manifest.file_hash(self.weights)
@@ -190,14 +205,14 @@ class Sampler:
     def plan(self, nfe: int, times) -> dict:
         c = self.cfg
         return {"run_id": c.run_id, "nfe": nfe, "times": times, "n": c.sample.n, "num_classes": c.data.num_classes,
-                "seed": c.sample.seed, "shard_size": c.sample.shard_size, "batch": c.sample.batch,
+                "seed": c.sample.seed, "labels": c.sample.labels if c.data.num_classes else None, "shard_size": c.sample.shard_size, "batch": c.sample.batch,
                 "shape": list(self.shape), "weights_sha256": self.weights_sha256, "vae": self.decode.info,
                 "latent_scale": c.data.latent_scale if self.decode.vae is not None else None}
 
     @torch.inference_mode()
     def batch(self, lo: int, hi: int, times) -> tuple[np.ndarray, np.ndarray | None]:
         idx = np.arange(lo, hi)
-        y = labels(idx, self.cfg.data.num_classes)
+        y = labels(idx, self.cfg.data.num_classes, self.cfg.sample.labels, self.cfg.sample.seed)
         e = noise(self.cfg.sample.seed, idx, self.shape).to(self.device)
         yt = torch.from_numpy(y).to(self.device) if y is not None else None
         x = self.decode(sample(self.net, e, yt, times=times))
@@ -296,8 +311,8 @@ def finish(cfg, nfe: int) -> Path:
     files = [{k: s[k] for k in ("file", "start", "count", "sha256", "device", "threads")} for s, _ in shards]
     body = manifest.stamp(cfg, run_id=cfg.run_id, nfe=nfe, times=plan["times"], count=sum(f["count"] for f in files),
                           n=plan["n"], num_classes=plan["num_classes"],
-                          per_class=plan["n"] // plan["num_classes"] if plan["num_classes"] else None,
-                          labels="i mod num_classes" if plan["num_classes"] else None,
+                          per_class=plan["n"] // plan["num_classes"] if plan.get("labels") == "balanced" else None,
+                          labels=LABEL_RULES.get(plan.get("labels")), label_mode=plan.get("labels"),
                           noise="randn from torch.Generator().manual_seed(sha256('meanflow-sample/{seed}/{i}')[:8] >> 1) on CPU",
                           layout="ADM: arr_0 N x H x W x C uint8 = clip(round((x + 1) * 127.5), 0, 255), arr_1 labels",
                           weights={"path": str(weights_path(cfg)), "sha256": plan["weights_sha256"]},

@@ -116,23 +116,25 @@ class MeanFlow:
         return z, v, v_g, torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     # ------------------------------------------------------------------ target via jvp
-    def u_and_target(self, net, z, t, r, v_g, y_in, grad_net=None):
+    def u_and_target(self, net, z, t, r, v_g, y_in, grad_net=None, aug=None):
         """u_theta(z, r, t) (with gradients) and the stop-gradient target
         v_g - clip(t - r, 0, 1) du/dt, both at least fp32.
 
         Rows with r = t have target v_g whatever du/dt is, so the jvp runs on the r != t rows
         only: its cost scales with `ratio`. Forwards outside the jvp go through `grad_net`."""
         c, grad_net = self.cfg, net if grad_net is None else grad_net
+        # augmentation labels (data.augment) ride along with the rows; nets without them never see the keyword
+        kw = (lambda i=None: {}) if aug is None else (lambda i=None: {"aug": aug if i is None else aug[i]})
         mf = (t != r).nonzero().squeeze(1)
         if len(mf) == 0:  # Flow Matching: no jvp at all
-            return _full(grad_net(z, t, t - r, y_in)), v_g.detach()
+            return _full(grad_net(z, t, t - r, y_in, **kw())), v_g.detach()
         sub = lambda a: None if a is None else a[mf]
         dr, dt = TANGENTS[c.tangent]
         rm, tm = r[mf], t[mf]
         tangents = (v_g[mf], torch.full_like(rm, dr), torch.full_like(tm, dt))
 
         def u_fn(z_, r_, t_):
-            return net(z_, t_, t_ - r_, sub(y_in))
+            return net(z_, t_, t_ - r_, sub(y_in), **kw(mf))
 
         fp32 = torch.autocast(z.device.type, enabled=False) if c.jvp_fp32 else nullcontext()
         with fp32:
@@ -143,12 +145,12 @@ class MeanFlow:
                     _, dudt = jvp(u_fn, (z[mf], rm, tm), tangents, c.jvp_api)
         if c.strategy == "joint" and len(mf) < len(t):
             fm = (t == r).nonzero().squeeze(1)
-            u_fm = grad_net(z[fm], t[fm], t[fm] - r[fm], None if y_in is None else y_in[fm])
+            u_fm = grad_net(z[fm], t[fm], t[fm] - r[fm], None if y_in is None else y_in[fm], **kw(fm))
             u = torch.cat([_full(u_mf), _full(u_fm)])[torch.cat([mf, fm]).argsort()]
         elif c.strategy == "joint":
             u = u_mf
         else:
-            u = grad_net(z, t, t - r, y_in)
+            u = grad_net(z, t, t - r, y_in, **kw())
         u_tgt = v_g.clone()
         u_tgt[mf] -= _bcast(tm - rm, dudt).clamp(0, 1) * _full(dudt)
         return _full(u), u_tgt.detach()
@@ -163,10 +165,11 @@ class MeanFlow:
             v_loss = ((u.detach() - v) ** 2).flatten(1).sum(1).mean()
         return LossOutput(weighted.mean(), per_sample.detach().mean(), err.detach().mean(), v_loss)
 
-    def __call__(self, net, x, y=None, *, e=None, t=None, r=None, drop=None, generator=None, grad_net=None):
+    def __call__(self, net, x, y=None, *, e=None, t=None, r=None, drop=None, generator=None, grad_net=None, aug=None):
         """Loss on a batch x (B, ...) with labels y. e, t, r and the dropout mask are drawn from
         `generator` unless given. `grad_net` (e.g. the DDP wrapper of `net`) runs the forward that
-        carries gradients; the jvp always goes through the bare `net`."""
+        carries gradients; the jvp always goes through the bare `net`. `aug`: augmentation labels (B, 6)
+        for a network conditioned on them (unguided: classifier-free guidance is off where they are used)."""
         n, dev = x.shape[0], x.device
         x = _full(x)
         if t is None or r is None:
@@ -177,5 +180,5 @@ class MeanFlow:
             drop = self.sample_drop(n, generator, dev)
         t, r, e = t.to(x.dtype), r.to(x.dtype), e.to(x.dtype)
         z, v, v_g, y_in = self.velocities(net, x, y, e, t, drop)
-        u, u_tgt = self.u_and_target(net, z, t, r, v_g, y_in, grad_net)
+        u, u_tgt = self.u_and_target(net, z, t, r, v_g, y_in, grad_net, aug)
         return self.loss_from(u, u_tgt, v)

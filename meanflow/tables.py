@@ -64,7 +64,8 @@ CODE = {
     "encode": ["stages/encode.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/data/*.py"],
     "refstats": ["stages/refstats.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/data/reference.py"],
     "features": ["stages/features.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/metrics/*.py"],
-    "train": ["stages/train.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/training.py", "meanflow/objective.py", "meanflow/models/*.py"],
+    "train": ["stages/train.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/training.py", "meanflow/objective.py", "meanflow/models/*.py",
+              "meanflow/data/augment.py", "meanflow/lr.py"],
     "sample": ["stages/sample.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/generate.py", "meanflow/sampling.py", "meanflow/models/*.py"],
     "fid": ["stages/fid.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/metrics/*.py"],
     "tables": ["stages/tables.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/tables.py"],
@@ -134,6 +135,16 @@ def _steps(run_dir: str):
     return None
 
 
+def _notes(recs, rows) -> list[str]:
+    """The table's notes: how the samples were labelled (sample.labels, from each metrics file)."""
+    modes = set()
+    for r in rows:
+        p = Path(r.run_dir) / f"metrics_nfe{r.nfe}.json"
+        if r.run_id in {x["run"] for x in recs} and p.exists():
+            modes.add(json.loads(p.read_text()).get("sample_labels") or "unconditional")
+    return ["", f"Sample labels: {', '.join(sorted(modes))} (sample.labels)."] if modes else []
+
+
 def _fmt(x):
     return "" if x is None or x == "" else (f"{float(x):.2f}" if isinstance(x, (int, float)) or str(x).replace(".", "", 1).isdigit() else str(x))
 
@@ -161,6 +172,7 @@ def build(params: dict, tier: str, out: str | Path = "results") -> Path:
             w.writerows(recs)
         md = [f"# Table {table} ({tier} tier)", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         md += ["| " + " | ".join(_fmt(x[c]) if c in ("paper FID", "our FID") else str(x[c]) for c in cols) + " |" for x in recs]
+        md += _notes(recs, rows)
         Path(f"{base}.md").write_text("\n".join(md) + "\n")
         tex = ["\\begin{tabular}{l" + "r" * (len(cols) - 1) + "}", "\\toprule",
                " & ".join(cols) + " \\\\", "\\midrule"]

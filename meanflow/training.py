@@ -38,6 +38,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .data.augment import augment as augment_images
+from .lr import lr_at, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -169,20 +173,24 @@ class Rows:
     t: torch.Tensor
     r: torch.Tensor
     drop: torch.Tensor
+    aug: torch.Tensor | None = None   # EDM augmentation labels (data.augment > 0)
 
 
 def load_rows(store, sampler, objective, step: int, batch: int, rank: int, world: int, seed: int,
-              device, conditional: bool = True) -> Rows:
+              device, conditional: bool = True, augment: float = 0.0) -> Rows:
     """Rows [rank*B/W, (rank+1)*B/W) of step `step`'s global batch. The store's draws (flip,
     posterior noise) come from one generator per DATA_CHUNK rows of the global batch and the
     objective's (t, r, noise, label drop) are drawn for the whole batch, so a row holds the same
     values whatever the world size."""
     lo, hi = rank * batch // world, (rank + 1) * batch // world
     idx = sampler.indices(step, batch)
-    xs, ys = [], []
+    xs, ys, augs = [], [], []
     for c in range(lo // DATA_CHUNK, -(-hi // DATA_CHUNK)):
         a, b = c * DATA_CHUNK, min((c + 1) * DATA_CHUNK, batch)
         x, y = store.batch(idx[a:b], generator(device, seed, "data", step, c))
+        if augment > 0:
+            x, aug = augment_images(x, augment, generator(device, seed, "augment", step, c))
+            augs.append(aug[max(lo, a) - a:min(hi, b) - a])
         keep = slice(max(lo, a) - a, min(hi, b) - a)
         xs.append(x[keep])
         ys.append(y[keep])
@@ -192,7 +200,7 @@ def load_rows(store, sampler, objective, step: int, batch: int, rank: int, world
     drop = objective.sample_drop(batch, g, device)
     order = _spread(batch).to(device)
     return Rows(torch.cat(xs), torch.cat(ys) if conditional else None, e[lo:hi],
-                t[order][lo:hi], r[order][lo:hi], drop[order][lo:hi])
+                t[order][lo:hi], r[order][lo:hi], drop[order][lo:hi], torch.cat(augs) if augs else None)
 
 
 # --------------------------------------------------------------------------- distributed
@@ -398,6 +406,9 @@ class Trainer:
                              f"{d.channels} and data.input_size = {d.input_size} ask for {want}")
         if d.num_classes and self.store.num_classes != d.num_classes:
             raise TrainError(f"{self.store.path}: {self.store.num_classes} classes, but data.num_classes = {d.num_classes}")
+        if tc.epochs is not None:  # train.epochs: the step count follows from the store's size
+            tc = dataclasses.replace(tc, steps=total_steps(tc, len(self.store)))
+            self.cfg = cfg = dataclasses.replace(cfg, train=tc)
         self.sampler = EpochSampler(len(self.store), tc.seed)
         self.objective = MeanFlow(cfg.meanflow, d.num_classes)
 
@@ -417,7 +428,7 @@ class Trainer:
     def rows(self, step: int) -> Rows:
         tc = self.cfg.train
         return load_rows(self.store, self.sampler, self.objective, step, tc.batch, self.env.rank, self.env.world,
-                         tc.seed, self.device, conditional=self.cfg.data.num_classes > 0)
+                         tc.seed, self.device, conditional=self.cfg.data.num_classes > 0, augment=self.cfg.data.augment)
 
     def step(self, step: int, b: Rows, stop: bool) -> tuple[list[float], bool]:
         """One optimisation step on this rank's rows. Returns the global metrics and the global stop
@@ -428,7 +439,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
         torch.manual_seed(seed_of(self.cfg.train.seed, "torch", step, self.env.rank))  # dropout
         with autocast(self.device):
-            out = self.objective(self.net, b.x, b.y, e=b.e, t=b.t, r=b.r, drop=b.drop, grad_net=self.fwd)
+            out = self.objective(self.net, b.x, b.y, e=b.e, t=b.t, r=b.r, drop=b.drop, grad_net=self.fwd, aug=b.aug)
         out.loss.backward()
         stats = torch.stack([getattr(out, m).detach().float() for m in METRICS])
         if self.averager:
@@ -444,6 +455,9 @@ class Trainer:
             raise NonFiniteLoss(f"non-finite loss at step {step + 1}: loss = {vals[0]}, unweighted = {vals[1]}; "
                                 f"stopped before the update; last good checkpoint: "
                                 f"{last[-1][1] if last else 'none'}")
+        if self.cfg.train.warmup_steps:
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(step, self.cfg.train.lr, self.cfg.train.warmup_steps)
         self.opt.step()
         self.ema.update(self.net)
         return vals, stop

@@ -181,6 +181,7 @@ def evaluate(cfg, nfe: int, allow_fewer: bool = False, inception_weights: str | 
         cfg, run_id=cfg.run_id, nfe=nfe, metric=space.metric, metric_name=space.metric_name, value=value,
         **{space.metric: value},
         **({f"{space.is_key}_mean": isc["mean"], f"{space.is_key}_std": isc["std"]} if isc else {}),
+        sample_labels=plan.get("labels"),  # random | balanced (sample.labels); null when unconditional
         count=count, configured_n=s.n, complete=count == plan["n"] == s.n, allow_fewer=allow_fewer,
         statistics="float64 mean and covariance of the generated features; torch_fidelity.metric_fid.fid_statistics_to_metric",
         samples={"dir": str(out), "sha256": samples_sha256(sh["sha256"] for sh, _ in shards),

@@ -22,8 +22,8 @@ def build_model(cfg) -> nn.Module:
                    heads=heads, mlp_ratio=m.mlp_ratio, num_classes=d.num_classes, time_cond=m.time_cond,
                    t_scale=m.t_scale)
     if m.arch == "unet":
-        from .unet import UNet
-        return UNet.from_config(cfg)
+        from .songunet import SongUNet
+        return SongUNet.from_config(cfg)
     if m.arch == "mlp":
         from .mlp import MLP
         return MLP(dim=d.channels, hidden=m.hidden or 256, depth=m.depth or 4, num_classes=d.num_classes,

@@ -25,7 +25,7 @@ N, SHARD, BATCH = 30, 7, 4   # 5 shards, the last short; batches do not divide t
 def raw_cfg(tmp: Path, data=None, model=None, **sample_kw) -> dict:
     d = {"root": str(tmp / "data"), "dataset": "digits", "resolution": 8, "channels": 1, "input_size": 8,
          "num_classes": 10, "vae": None, "device": "cpu"}
-    s = {"n": N, "shard_size": SHARD, "batch": BATCH, "grid": 20, "device": "cpu", "nfe": [1, 2]}
+    s = {"n": N, "shard_size": SHARD, "batch": BATCH, "grid": 20, "device": "cpu", "nfe": [1, 2], "labels": "balanced"}
     return {"data": {**d, **(data or {})},
             "model": {"name": "custom", "depth": 1, "hidden": 32, "heads": 2, "patch": 2, **(model or {})},
             "train": {"runs_root": str(tmp / "runs")}, "sample": {**s, **sample_kw}}
@@ -204,3 +204,18 @@ def test_cli_under_torchrun(reference, tmp_path):
     r = subprocess.run([sys.executable, "-m", "stages.sample", "--params", str(params), "--tier", "nope"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "tier 'nope' not in tiers" in r.stderr
+
+
+def test_random_labels_are_uniform_and_per_index():
+    y = generate.labels(range(20000), 10, "random", seed=0)
+    counts = np.bincount(y, minlength=10)
+    assert counts.min() > 2000 - 4 * 42 and counts.max() < 2000 + 4 * 42  # 4 standard errors
+    assert np.array_equal(generate.labels(range(5000, 5100), 10, "random", seed=0), y[5000:5100])  # any shard split
+    assert not np.array_equal(generate.labels(range(100), 10, "random", seed=1), y[:100])
+    assert np.array_equal(generate.labels(range(25), 10, "balanced"), np.arange(25) % 10)
+    assert generate.labels(range(5), 0, "random") is None
+
+
+def test_two_nfe_intermediate_time(tmp_path):
+    assert generate.schedules(make_cfg(tmp_path))[2] == [1.0, 0.5, 0.0]
+    assert generate.schedules(make_cfg(tmp_path, t_mid=0.3))[2] == [1.0, 0.3, 0.0]

@@ -169,6 +169,7 @@ class Rows:
     t: torch.Tensor
     r: torch.Tensor
     drop: torch.Tensor
+    cond: dict | None = None   # iMF: omega, t_min, t_max per row
 
 
 def load_rows(store, sampler, objective, step: int, batch: int, rank: int, world: int, seed: int,
@@ -190,9 +191,11 @@ def load_rows(store, sampler, objective, step: int, batch: int, rank: int, world
     t, r = objective.sample_t_r(batch, g, device)
     e = torch.randn((batch, *store.shape), generator=g, device=device)
     drop = objective.sample_drop(batch, g, device)
+    cond = objective.sample_conditions(t, r, g) if hasattr(objective, "sample_conditions") else None  # iMF
     order = _spread(batch).to(device)
     return Rows(torch.cat(xs), torch.cat(ys) if conditional else None, e[lo:hi],
-                t[order][lo:hi], r[order][lo:hi], drop[order][lo:hi])
+                t[order][lo:hi], r[order][lo:hi], drop[order][lo:hi],
+                cond and {k: a[order][lo:hi] for k, a in cond.items()})
 
 
 # --------------------------------------------------------------------------- distributed
@@ -384,7 +387,7 @@ class Trainer:
     def __init__(self, cfg, env: Dist, progress: bool = True):
         from .data import Store, paths
         from .models import build_model
-        from .objective import MeanFlow
+        from .imf import build_objective
         self.cfg, self.env, self.progress, tc = cfg, env, progress, cfg.train
         self.run_dir, self.device = Path(cfg.run_dir), env.device
         if tc.batch % env.world:
@@ -399,7 +402,7 @@ class Trainer:
         if d.num_classes and self.store.num_classes != d.num_classes:
             raise TrainError(f"{self.store.path}: {self.store.num_classes} classes, but data.num_classes = {d.num_classes}")
         self.sampler = EpochSampler(len(self.store), tc.seed)
-        self.objective = MeanFlow(cfg.meanflow, d.num_classes)
+        self.objective = build_objective(cfg.meanflow, d.num_classes)
 
         torch.manual_seed(seed_of(tc.seed, "init"))
         self.net = build_model(cfg).to(self.device)
@@ -428,7 +431,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
         torch.manual_seed(seed_of(self.cfg.train.seed, "torch", step, self.env.rank))  # dropout
         with autocast(self.device):
-            out = self.objective(self.net, b.x, b.y, e=b.e, t=b.t, r=b.r, drop=b.drop, grad_net=self.fwd)
+            out = self.objective(self.net, b.x, b.y, e=b.e, t=b.t, r=b.r, drop=b.drop, grad_net=self.fwd, **(b.cond or {}))
         out.loss.backward()
         stats = torch.stack([getattr(out, m).detach().float() for m in METRICS])
         if self.averager:

@@ -29,11 +29,16 @@ def experiment_name(row: str) -> str:
     return row.replace(".", "p")
 
 
-def plan(params: dict, tier: str) -> list[Row]:
-    """Every table row the tier builds, resolved to its run (identical configs share a run_id)."""
+def tables_of(params: dict, tier: str, tables: list[str] | None = None) -> list[str]:
+    """The tables a tier builds: tables.tiers[tier], or an explicit list (e.g. `make run-imf`'s imf1)."""
+    return [str(x) for x in (tables if tables is not None else ((params.get("tables") or {}).get("tiers", {}).get(tier, [])))]
+
+
+def plan(params: dict, tier: str, tables: list[str] | None = None) -> list[Row]:
+    """Every table row the tier builds (or of `tables`), resolved to its run (identical configs share a run_id)."""
     t = params.get("tables") or {}
     out, cache = [], {}
-    for table in t.get("tiers", {}).get(tier, []):
+    for table in tables_of(params, tier, tables):
         if table not in t.get("rows", {}):
             raise config.ConfigError(f"params.yaml: tables.tiers.{tier} names table {table!r} not in tables.rows")
         for item in t["rows"][table]:
@@ -46,10 +51,10 @@ def plan(params: dict, tier: str) -> list[Row]:
     return out
 
 
-def runs(params: dict, tier: str) -> dict[str, dict]:
+def runs(params: dict, tier: str, tables: list[str] | None = None) -> dict[str, dict]:
     """run_id -> {experiment (the first row's), run_dir, nfe (all the tier samples), hash}."""
     out = {}
-    for r in plan(params, tier):
+    for r in plan(params, tier, tables):
         if r.run_id not in out:
             cfg = config.resolve(params, tier, r.experiment)
             out[r.run_id] = {"experiment": r.experiment, "run_dir": r.run_dir, "nfe": list(cfg.sample.nfe),
@@ -106,16 +111,24 @@ def fid_reference(params: dict, tier: str) -> str:
     return f"data/{tier}/feature_net.safetensors" if digits else f"data/{tier}/refstats.npz"
 
 
-def plan_hash(params: dict, tier: str) -> str:
+def paper_files(params: dict) -> list[str]:
+    p = (params.get("tables") or {}).get("paper", "reference/paper_results.csv")
+    return [p] if isinstance(p, str) else list(p)
+
+
+def plan_hash(params: dict, tier: str, tables: list[str] | None = None) -> str:
     """Changes when the row map or the paper file name changes (the tables rule's params trigger)."""
-    key = [asdict(r) for r in plan(params, tier)], (params.get("tables") or {}).get("paper")
+    key = [asdict(r) for r in plan(params, tier, tables)], (params.get("tables") or {}).get("paper")
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
 # --------------------------------------------------------------------------- building tables
-def _paper(path: Path) -> dict:
-    with open(path) as f:
-        return {(r["table"], r["row"]): r for r in csv.DictReader(f)}
+def _paper(paths) -> dict:
+    out = {}
+    for path in paths:
+        with open(path) as f:
+            out.update({(r["table"], r["row"]): r for r in csv.DictReader(f)})
+    return out
 
 
 def _fid(run_dir: str, nfe: int):
@@ -138,12 +151,19 @@ def _fmt(x):
     return "" if x is None or x == "" else (f"{float(x):.2f}" if isinstance(x, (int, float)) or str(x).replace(".", "", 1).isdigit() else str(x))
 
 
-def build(params: dict, tier: str, out: str | Path = "results") -> Path:
-    rows = plan(params, tier)
+def subset_dir(tables: list[str] | None) -> str:
+    """The suffix of an explicit table list's plots and grids dirs (beside the tier's own: a rerun of one
+    target does not remove the other's)."""
+    return "" if tables is None else "_" + "+".join(tables)
+
+
+def build(params: dict, tier: str, out: str | Path = "results", tables: list[str] | None = None) -> Path:
+    rows = plan(params, tier, tables)
     root = Path(out) / tier
+    sub = subset_dir(tables)
     (root / "tables").mkdir(parents=True, exist_ok=True)
-    (root / "plots").mkdir(parents=True, exist_ok=True)
-    paper = _paper(config.ROOT / (params.get("tables") or {}).get("paper", "reference/paper_results.csv"))
+    (root / f"plots{sub}").mkdir(parents=True, exist_ok=True)
+    paper = _paper(config.ROOT / p for p in paper_files(params))
     cols = ["row", "setting", "paper FID", "our FID", "NFE", "paper epochs", "our steps", "run"]
     by_table: dict[str, list[dict]] = {}
     for r in rows:
@@ -167,13 +187,14 @@ def build(params: dict, tier: str, out: str | Path = "results") -> Path:
         tex += [" & ".join(_tex(_fmt(x[c]) if c in ("paper FID", "our FID") else str(x[c])) for c in cols) + " \\\\" for x in recs]
         tex += ["\\bottomrule", "\\end{tabular}"]
         Path(f"{base}.tex").write_text("\n".join(tex) + "\n")
-    _plots(params, tier, rows, root / "plots")
-    _grids(rows, root / "grids")
+    _plots(params, tier, rows, root / f"plots{sub}")
+    _grids(rows, root / f"grids{sub}")
     from meanflow import manifest   # here: the Snakefile imports this module, and manifest imports torch
     inputs = {str(p): manifest.file_hash(p) for r in rows
               if (p := Path(r.run_dir) / f"metrics_nfe{r.nfe}.json").exists()}
-    manifest.write_json(root / "tables" / "manifest.json",
-                        manifest.stamp(tier=tier, plan_hash=plan_hash(params, tier), inputs=inputs))
+    name = "manifest.json" if tables is None else f"manifest_{'+'.join(tables)}.json"
+    manifest.write_json(root / "tables" / name,
+                        manifest.stamp(tier=tier, plan_hash=plan_hash(params, tier, tables), inputs=inputs))
     return root
 
 

@@ -57,7 +57,7 @@ def generate(params: dict) -> dict:
         stages[f"tables-{tier}"] = {
             "cmd": stage_cmd("tables", tier),
             "deps": [*(f"runs/{tier}/{rid}/metrics_nfe{k}.json" for rid in runs for k in nfe), *tables.code("tables"),
-                     params["tables"]["paper"]],
+                     *tables.paper_files(params)],
             "params": ["tables"],
             "outs": [{f"results/{tier}/tables": {"cache": False}}, {f"results/{tier}/grids": {"cache": False}}],
             "plots": [{f"results/{tier}/plots/{p}.png": {"cache": False}} for p in ("fid_vs_nfe", "fid_vs_size", "training_curves")]}

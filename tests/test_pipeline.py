@@ -59,8 +59,10 @@ def dry_jobs(cwd, tier):
 
 # --------------------------------------------------------------------------- params and table map
 def test_every_paper_row_is_a_table_row(params):
-    with open(ROOT / "reference" / "paper_results.csv") as f:
-        paper = {(r["table"], r["row"], int(r["nfe"])) for r in csv.DictReader(f)}
+    paper = set()
+    for name in ("paper_results.csv", "imf_results.csv"):   # MeanFlow's and iMF's published rows
+        with open(ROOT / "reference" / name) as f:
+            paper |= {(r["table"], r["row"], int(r["nfe"])) for r in csv.DictReader(f)}
     ours = {(r.table, r.row, r.nfe) for t in TIERS for r in tables.plan(params, t)}
     assert paper == ours
 
@@ -72,7 +74,9 @@ def test_identical_configs_share_one_run(params):
     assert len({rows[k] for k in defaults}) == 1
     assert rows[("1f", "omega_2.0")] == rows[("5", "kappa_0.0")]
     assert rows[("2", "MF-XL/2")] == rows[("2", "MF-XL/2-2nfe")]
-    assert len(set(rows.values())) == 31
+    assert rows[("2", "MF-B/2")] == rows[("imf1", "mf")] and rows[("imf1", "longer")] == rows[("imf2", "iMF-B/2")]
+    assert rows[("imf2", "iMF-XL/2")] == rows[("imf2", "iMF-XL/2-2nfe")]
+    assert len(set(rows.values())) == 31 + 6 + 4   # imf1: 6 new runs (mf is MF-B/2); imf2: 4
 
 
 def test_per_tier_experiment_overrides(params):

@@ -7,11 +7,15 @@ try:
     P = mfconfig.load_params(PARAMS)
     TIER = config.get("tier", P["tier"])
     BASE = mfconfig.resolve(P, TIER, where=PARAMS)
-    RUNS = mftables.runs(P, TIER)
+    # --config tables=imf1[,...]: those tables instead of the tier's list (`make run-imf`)
+    ONLY = [t for t in str(config["tables"]).split(",") if t] if config.get("tables") else None
+    RUNS = mftables.runs(P, TIER, ONLY)
 except mfconfig.ConfigError as e:
     raise WorkflowError(str(e))
 NFE = list(BASE.sample.nfe)
-TABLES = [str(t) for t in (P.get("tables") or {}).get("tiers", {}).get(TIER, [])]
+TABLES = mftables.tables_of(P, TIER, ONLY)
+SUB = mftables.subset_dir(ONLY)
+ONLY_FLAG = f" --tables {' '.join(ONLY)}" if ONLY else ""
 TABLE_OUTPUTS = expand("results/{tier}/tables/table_{t}.{ext}", tier=TIER, t=TABLES, ext=["md", "csv", "tex"])
 DATA = f"data/{TIER}"
 

@@ -5,8 +5,8 @@ rule tables:
         CODE["tables"],
     output:
         expand("results/{{tier}}/tables/table_{t}.{ext}", t=TABLES, ext=["md", "csv", "tex"]),
-        report(expand("results/{{tier}}/plots/{p}.png", p=["fid_vs_nfe", "fid_vs_size", "training_curves"]),
+        report(expand(f"results/{{{{tier}}}}/plots{SUB}/{{p}}.png", p=["fid_vs_nfe", "fid_vs_size", "training_curves"]),
                category="Plots"),
-        report(directory("results/{tier}/grids"), patterns=["{name}.png"], category="Sample grids"),
-    params: plan=mftables.plan_hash(P, TIER)
-    shell: "python -m stages.tables --params {PARAMS} --tier {wildcards.tier}"
+        report(directory(f"results/{{tier}}/grids{SUB}"), patterns=["{name}.png"], category="Sample grids"),
+    params: plan=mftables.plan_hash(P, TIER, ONLY)
+    shell: "python -m stages.tables --params {PARAMS} --tier {wildcards.tier}" + ONLY_FLAG

@@ -270,3 +270,24 @@ def test_imf_two_gloo_processes_equal_one(data_root, tmp_path):
         for k in wa:
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=f"{f} {k}")
     assert any(not torch.equal(init[k], wa[k]) for k in wa if k in init)
+
+
+# --------------------------------------------------------------------------- tables
+def test_imf_tables_show_the_published_numbers(tmp_path):
+    import csv
+    from meanflow import tables
+    params = config.load_params()
+    rows = tables.plan(params, "tiny", ["imf1"])
+    assert [r.row for r in rows] == ["mf", "v_boundary", "v_head", "omega_cond", "interval_cond", "in_context",
+                                     "improved_block", "longer"]
+    assert len({r.run_id for r in rows}) == 8 and "imf1" not in tables.tables_of(params, "tiny")  # not in make run
+    tables.build(params, "tiny", tmp_path, ["imf1"])
+    with open(ROOT / "reference" / "imf_results.csv") as f:
+        published = {r["row"]: r["fid"] for r in csv.DictReader(f) if r["table"] == "imf1"}
+    with open(tmp_path / "tiny" / "tables" / "table_imf1.csv") as f:
+        ours = {r["row"]: r["paper FID"] for r in csv.DictReader(f)}
+    assert ours == published and ours["improved_block"] == "3.82"
+    assert (tmp_path / "tiny" / "plots_imf1" / "fid_vs_nfe.png").exists()
+    assert (tmp_path / "tiny" / "tables" / "manifest_imf1.json").exists()
+    imagenet = {(r.table, r.row) for r in tables.plan(params, "imagenet")}
+    assert {("imf2", "iMF-XL/2-2nfe"), ("imf1", "longer")} <= imagenet

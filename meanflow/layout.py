@@ -13,6 +13,7 @@ REFSTATS = "refstats.npz"
 FEATURE_NET = "feature_net.safetensors"   # the tiny tier's digits classifier (sample.features = digits)
 EMA, TRAIN_MANIFEST, CKPT_DIR, DVCLIVE = "ema.safetensors", "train_manifest.json", "checkpoints", "dvclive"
 SAMPLES, METRICS = "samples_nfe{}", "metrics_nfe{}.json"
+STORE_SHARD, SAMPLE_SHARD, GRID = "shard-{:05d}.npy", "shard-{:05d}.npz", "grid.png"   # inside store/, samples_nfe{k}/
 TABLE_EXTS = ("md", "csv", "tex")
 PLOTS = ("fid_vs_nfe", "fid_vs_size", "training_curves")
 

@@ -95,7 +95,7 @@ def _grids(rows, out: Path):
     """Each row's sample grid (samples_nfe{k}/grid.png of its run) as grids/table_<t>_<row>.png."""
     out.mkdir(parents=True, exist_ok=True)
     for r in rows:
-        src = r.paths.samples(r.nfe) / "grid.png"
+        src = r.paths.samples(r.nfe) / layout.GRID
         if src.exists():
             name = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"table_{r.table}_{r.row}")
             shutil.copyfile(src, out / f"{name}.png")

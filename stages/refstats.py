@@ -2,14 +2,14 @@
 refstats.json (hashes of the inputs and of the Inception weights). Imported from ADM's npz or
 computed from the training images, per data.refstats_source."""
 
-from meanflow import config, data
+from meanflow import config, data, metrics
 from stages import parser, run
 
 
 def main(argv=None):
     p = parser("refstats", __doc__)
     args = p.parse_args(argv)
-    run(p, lambda: data.refstats(config.load(args.params, tier=args.tier)), data.DataError)
+    run(p, lambda: metrics.refstats(config.load(args.params, tier=args.tier)), data.DataError)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Train-step time and peak memory: MeanFlow against Flow Matching (ratio 0) on the same small DiT
-and batch, for both jvp strategies. Times are interleaved in one process (medians of rounds);
+and batch, for both jvp strategies. The step timed is training.step, the one the train stage runs
+(forward, backward, the loss check's host sync, update, EMA). Times are interleaved in one process (medians of rounds);
 peak memory is measured per variant in a fresh subprocess (CUDA: max_memory_allocated; CPU:
 peak RSS above the RSS just before the first step). Prints ratios against Flow Matching.
 
@@ -24,7 +25,8 @@ import torch  # noqa: E402
 from meanflow import config  # noqa: E402
 from meanflow.models import build_model  # noqa: E402
 from meanflow.objective import MeanFlow  # noqa: E402
-from meanflow.training import make_optimizer, select_device, train_step  # noqa: E402
+from meanflow.runtime import device as select_device  # noqa: E402
+from meanflow.training import EMA, make_optimizer, step  # noqa: E402
 
 VARIANTS = {"fm": {"ratio": 0.0}}  # Flow Matching: ratio 0, no jvp
 VARIANTS.update({f"mf_{s}_{a}": {"ratio": 0.25, "strategy": s, "jvp_api": a}
@@ -44,16 +46,16 @@ def setup(args, variant):
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(args.batch, 4, args.size, args.size, device=device, generator=g)
     y = torch.randint(0, 10, (args.batch,), device=device, generator=g)
-    return net, make_optimizer(net, cfg.train), MeanFlow(cfg.meanflow, 10), x, y, g, device
+    return net, (make_optimizer(net, cfg.train), EMA(net, 0.9999)), MeanFlow(cfg.meanflow, 10), x, y, g, device
 
 
 def timed(state, steps):
-    net, opt, obj, x, y, g, device = state
+    net, (opt, ema), obj, x, y, g, device = state
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        train_step(obj, net, opt, x, y, generator=g)
+        step(obj, net, opt, x, y, ema=ema, generator=g)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps

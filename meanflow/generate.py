@@ -15,7 +15,6 @@ Resume: shard-NNNNN.npz then shard-NNNNN.json (its hash) are written atomically,
 shard with both is skipped. Whoever finds every shard done writes grid.png and manifest.json."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -42,16 +41,12 @@ class SampleError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- pieces
-def seed_of(seed: int, i: int) -> int:
-    """The 63-bit seed of sample i: a hash, so nearby (seed, i) give unrelated streams."""
-    return int.from_bytes(hashlib.sha256(f"meanflow-sample/{seed}/{i}".encode()).digest()[:8], "little") >> 1
-
-
 def noise(seed: int, indices, shape) -> torch.Tensor:
-    """float32 N x C x H x W on the CPU; row j depends only on (seed, indices[j])."""
+    """float32 N x C x H x W on the CPU; row j depends only on (seed, indices[j]): its generator is
+    seeded with runtime.seed_of(seed, "sample", i), the one seed function of training and sampling."""
     g, out = torch.Generator(), torch.empty(len(indices), *shape)
     for j, i in enumerate(indices):
-        g.manual_seed(seed_of(seed, int(i)))
+        g.manual_seed(runtime.seed_of(seed, "sample", int(i)))
         torch.randn(shape, generator=g, out=out[j])
     return out
 
@@ -241,7 +236,7 @@ def finish(cfg, nfe: int) -> Path:
                           n=plan["n"], num_classes=plan["num_classes"],
                           per_class=plan["n"] // plan["num_classes"] if plan["num_classes"] else None,
                           labels="i mod num_classes" if plan["num_classes"] else None,
-                          noise="randn from torch.Generator().manual_seed(sha256('meanflow-sample/{seed}/{i}')[:8] >> 1) on CPU",
+                          noise="randn from torch.Generator().manual_seed(sha256(repr((seed, 'sample', i)))[:8] >> 1) on CPU",
                           layout="ADM: arr_0 N x H x W x C uint8 = clip(round((x + 1) * 127.5), 0, 255), arr_1 labels",
                           weights={"path": str(weights_path(cfg)), "sha256": plan["weights_sha256"]},
                           vae=plan["vae"], plan=plan, shards=files, sha256=digest(f["sha256"] for f in files),

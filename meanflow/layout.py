@@ -4,8 +4,8 @@ paths from here (a rule pattern is the same layout with wildcards for tier and r
 the Snakefile imports this module."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 RAW_INDEX = "index.json"
 STORE_MANIFEST = "manifest.json"
@@ -18,75 +18,73 @@ TABLE_EXTS = ("md", "csv", "tex")
 PLOTS = ("fid_vs_nfe", "fid_vs_size", "training_curves")
 
 
-@dataclass(frozen=True)
-class DataPaths:
+class DataPaths(NamedTuple):
     """data/<tier>: raw/ (acquire), store/ (encode), refstats.npz or feature_net.safetensors."""
     root: Path
+    raw: Path
+    index: Path
+    downloads: Path
+    store: Path
+    store_manifest: Path
+    refstats: Path
+    feature_net: Path
 
-    @property
-    def raw(self) -> Path: return self.root / "raw"
-    @property
-    def index(self) -> Path: return self.raw / RAW_INDEX
-    @property
-    def downloads(self) -> Path: return self.root / "downloads"
-    @property
-    def store(self) -> Path: return self.root / "store"
-    @property
-    def store_manifest(self) -> Path: return self.store / STORE_MANIFEST
-    @property
-    def refstats(self) -> Path: return self.root / REFSTATS
-    @property
-    def feature_net(self) -> Path: return self.root / FEATURE_NET
+    @classmethod
+    def at(cls, root: Path) -> "DataPaths":
+        return cls(root, root / "raw", root / "raw" / RAW_INDEX, root / "downloads", root / "store",
+                   root / "store" / STORE_MANIFEST, root / REFSTATS, root / FEATURE_NET)
 
 
-@dataclass(frozen=True)
-class RunPaths:
-    """runs/<tier>/<run>: checkpoints/, dvclive/, ema.safetensors, train_manifest.json,
-    samples_nfe{k}/ and metrics_nfe{k}.json."""
+class RunPaths(NamedTuple):
+    """runs/<tier>/<run>: checkpoints/, dvclive/ (plots/ inside), ema.safetensors,
+    train_manifest.json, samples_nfe{k}/ and metrics_nfe{k}.json."""
     root: Path
+    ema: Path
+    train_manifest: Path
+    checkpoints: Path
+    dvclive: Path
+    live_plots: Path
 
-    @property
-    def ema(self) -> Path: return self.root / EMA
-    @property
-    def train_manifest(self) -> Path: return self.root / TRAIN_MANIFEST
-    @property
-    def checkpoints(self) -> Path: return self.root / CKPT_DIR
-    @property
-    def dvclive(self) -> Path: return self.root / DVCLIVE
-    @property
-    def live_plots(self) -> Path: return self.dvclive / "plots"
+    @classmethod
+    def at(cls, root: Path) -> "RunPaths":
+        return cls(root, root / EMA, root / TRAIN_MANIFEST, root / CKPT_DIR, root / DVCLIVE, root / DVCLIVE / "plots")
 
-    def samples(self, nfe) -> Path: return self.root / SAMPLES.format(nfe)
-    def metrics(self, nfe) -> Path: return self.root / METRICS.format(nfe)
+    def samples(self, nfe) -> Path:
+        return self.root / SAMPLES.format(nfe)
+
+    def metrics(self, nfe) -> Path:
+        return self.root / METRICS.format(nfe)
 
 
-@dataclass(frozen=True)
-class ResultPaths:
+class ResultPaths(NamedTuple):
     """results/<tier>: tables/table_<t>.{md,csv,tex}, plots/<name>.png, grids/."""
     root: Path
+    tables: Path
+    plots: Path
+    grids: Path
 
-    @property
-    def tables(self) -> Path: return self.root / "tables"
-    @property
-    def plots(self) -> Path: return self.root / "plots"
-    @property
-    def grids(self) -> Path: return self.root / "grids"
+    @classmethod
+    def at(cls, root: Path) -> "ResultPaths":
+        return cls(root, root / "tables", root / "plots", root / "grids")
 
-    def table(self, t, ext: str) -> Path: return self.tables / f"table_{t}.{ext}"
-    def plot(self, name: str) -> Path: return self.plots / f"{name}.png"
+    def table(self, t, ext: str) -> Path:
+        return self.tables / f"table_{t}.{ext}"
+
+    def plot(self, name: str) -> Path:
+        return self.plots / f"{name}.png"
 
 
 def data(cfg_or_tier, root: str | Path = "data") -> DataPaths:
     """The data layout of a config (its data.root and tier) or of a tier name under `root`."""
     if isinstance(cfg_or_tier, str):
-        return DataPaths(Path(root) / cfg_or_tier)
-    return DataPaths(Path(cfg_or_tier.data.root) / cfg_or_tier.tier)
+        return DataPaths.at(Path(root) / cfg_or_tier)
+    return DataPaths.at(Path(cfg_or_tier.data.root) / cfg_or_tier.tier)
 
 
 def run(cfg_or_dir) -> RunPaths:
     """The run layout of a config (cfg.run_dir) or of a run directory (a path or a pattern)."""
-    return RunPaths(Path(getattr(cfg_or_dir, "run_dir", cfg_or_dir)))
+    return RunPaths.at(Path(getattr(cfg_or_dir, "run_dir", cfg_or_dir)))
 
 
 def results(tier: str, root: str | Path = "results") -> ResultPaths:
-    return ResultPaths(Path(root) / tier)
+    return ResultPaths.at(Path(root) / tier)

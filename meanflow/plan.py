@@ -129,7 +129,7 @@ CODE = {
     "encode": ["stages/encode.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/data/*.py"],
     "refstats": ["stages/refstats.py", *_COMMON, "meanflow/runtime.py", "meanflow/metrics/reference.py"],
     "features": ["stages/features.py", *_COMMON, "meanflow/metrics/*.py"],
-    "train": ["stages/train.py", *_COMMON, "meanflow/runtime.py", "meanflow/training.py", "meanflow/distributed.py",
+    "train": ["stages/train.py", *_COMMON, "meanflow/runtime.py", "meanflow/training.py", "meanflow/batches.py", "meanflow/distributed.py",
               "meanflow/checkpoint.py", "meanflow/objective.py", "meanflow/models/*.py"],
     "sample": ["stages/sample.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/generate.py",
                "meanflow/sampling.py", "meanflow/models/*.py"],

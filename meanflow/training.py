@@ -19,7 +19,6 @@ command again to resume, e.g. after a SLURM requeue).
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import shutil
@@ -38,14 +37,14 @@ import torch.distributed as dist
 from torch import nn
 
 from . import layout
+from .batches import EpochSampler, Rows, load_rows
 from .checkpoint import checkpoints, load_checkpoint, save_checkpoint, save_final_ema, tmp_leftovers
 from .distributed import Dist, GradAverager, init_distributed
-from .runtime import autocast, generator, seed_of
+from .runtime import autocast, seed_of
 
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: a checkpoint was written on SIGTERM/SIGUSR1; rerun to resume
-DATA_CHUNK = 16       # rows of the global batch that share one store generator (world-size independent)
 METRICS = ("loss", "loss_unweighted", "mse", "v_loss")
 
 
@@ -114,74 +113,6 @@ def step(objective, net, opt, x, y=None, *, ema=None, averager=None, grad_net=No
     if ema is not None:
         ema.update(net)
     return vals, stop
-
-
-class EpochSampler:
-    """Store indices of the global batch of each step: sample positions step*B + j walk through
-    per-epoch permutations drawn from (seed, epoch), so every image is seen once per epoch."""
-
-    def __init__(self, n: int, seed: int):
-        if n == 0:
-            raise TrainError("the store is empty")
-        self.n, self.seed, self._perms = n, seed, {}
-
-    def perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:  # batches straddle at most two epochs
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = torch.randperm(self.n, generator=generator("cpu", self.seed, "epoch", epoch)).numpy()
-        return self._perms[epoch]
-
-    def indices(self, step: int, batch: int) -> np.ndarray:
-        pos = np.arange(step * batch, (step + 1) * batch, dtype=np.int64)
-        epoch, out = pos // self.n, np.empty(batch, np.int64)
-        for e in np.unique(epoch):
-            sel = epoch == e
-            out[sel] = self.perm(int(e))[pos[sel] % self.n]
-        return out
-
-
-@functools.cache
-def _spread(n: int) -> torch.Tensor:
-    """Fixed row order for the (t, r, drop) draws. The official layout puts the r = t and
-    label-dropped rows at the front of the batch; in this order every contiguous block (a rank's
-    slice) gets its share of them (golden-ratio sequence), so ranks do balanced jvp work."""
-    return torch.frac(torch.arange(n, dtype=torch.float64) * 0.6180339887498949).argsort().argsort()
-
-
-@dataclass
-class Rows:
-    """One rank's rows of a step's global batch, with the objective's draws for them."""
-    x: torch.Tensor
-    y: torch.Tensor | None
-    e: torch.Tensor
-    t: torch.Tensor
-    r: torch.Tensor
-    drop: torch.Tensor
-
-
-def load_rows(store, sampler, objective, step: int, batch: int, rank: int, world: int, seed: int,
-              device, conditional: bool = True) -> Rows:
-    """Rows [rank*B/W, (rank+1)*B/W) of step `step`'s global batch. The store's draws (flip,
-    posterior noise) come from one generator per DATA_CHUNK rows of the global batch and the
-    objective's (t, r, noise, label drop) are drawn for the whole batch, so a row holds the same
-    values whatever the world size."""
-    lo, hi = rank * batch // world, (rank + 1) * batch // world
-    idx = sampler.indices(step, batch)
-    xs, ys = [], []
-    for c in range(lo // DATA_CHUNK, -(-hi // DATA_CHUNK)):
-        a, b = c * DATA_CHUNK, min((c + 1) * DATA_CHUNK, batch)
-        x, y = store.batch(idx[a:b], generator(device, seed, "data", step, c))
-        keep = slice(max(lo, a) - a, min(hi, b) - a)
-        xs.append(x[keep])
-        ys.append(y[keep])
-    g = generator(device, seed, "objective", step)
-    t, r = objective.sample_t_r(batch, g, device)
-    e = torch.randn((batch, *store.shape), generator=g, device=device)
-    drop = objective.sample_drop(batch, g, device)
-    order = _spread(batch).to(device)
-    return Rows(torch.cat(xs), torch.cat(ys) if conditional else None, e[lo:hi],
-                t[order][lo:hi], r[order][lo:hi], drop[order][lo:hi])
 
 
 # --------------------------------------------------------------------------- signals and logging
@@ -267,6 +198,8 @@ class Trainer:
                              f"{d.channels} and data.input_size = {d.input_size} ask for {want}")
         if d.num_classes and self.store.num_classes != d.num_classes:
             raise TrainError(f"{self.store.path}: {self.store.num_classes} classes, but data.num_classes = {d.num_classes}")
+        if len(self.store) == 0:
+            raise TrainError(f"{self.store.path}: the store is empty")
         self.sampler = EpochSampler(len(self.store), tc.seed)
         self.objective = MeanFlow(cfg.meanflow, d.num_classes)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layout import CKPT_DIR, EMA as FINAL_EMA
+from .layout import CKPT_DIR
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:

@@ -91,14 +91,14 @@ def local(src: str, cache: Path, key: str) -> Path:
         return path
     path = Path(src)
     if not path.is_file():
-        raise DataError(f"{path}: no such file ({key} = {src!r})")
+        raise DataError(f"{path}: no such file (from {key})")
     return path
 
 
 def fetch(src: str, name: str, cache: Path, md5: str | None) -> tuple[Path, str]:
     """`src/name` (a directory or base URL) as a local, checksum-verified file and its MD5.
     Downloads go to `cache`; a finished one is reused, an unfinished one resumed."""
-    path = local(join(src, name), cache, f"data.source_path {src!r}, file")
+    path = local(join(src, name), cache, f"data.source_path = {src!r}")
     return path, check_md5(path, md5)
 
 

@@ -36,7 +36,7 @@ VARIANTS.update({f"mf_{s}_{a}": {"ratio": 0.25, "strategy": s, "jvp_api": a}
 def setup(args, variant):
     cfg = config.build({
         "data": {"channels": 4, "input_size": args.size, "num_classes": 10},
-        "model": {"name": "custom", "depth": args.depth, "hidden": args.hidden, "heads": args.heads, "patch": 2},
+        "model": {"name": "custom", "depth": args.depth, "hidden": args.hidden, "heads": args.heads, "patch": args.patch},
         "meanflow": {**VARIANTS[variant], "omega": 1.0},
         "train": {"lr": 1e-4},
     })
@@ -90,10 +90,11 @@ def main():
     # batch 64: the step is compute-bound on CPU; at 16 the jvp of its 4 r != t rows is bound by
     # per-op dispatch (about a full forward's worth), which the paper's per-device batches never see
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--size", type=int, default=16, help="input size (tokens = (size/2)^2)")
+    ap.add_argument("--size", type=int, default=16, help="input size (tokens = (size/patch)^2)")
     ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--patch", type=int, default=2)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -123,7 +124,7 @@ def main():
         mem[v] = json.loads(out.stdout.strip().splitlines()[-1])
 
     print(f"device {states['fm'][-1]}, DiT depth {args.depth} hidden {args.hidden}, "
-          f"{(args.size // 2) ** 2} tokens, batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
+          f"{(args.size // args.patch) ** 2} tokens, batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
     print(f"{'variant':<22} {'ms/step':>9} {'time/FM':>8} {'peak MiB':>9} {'mem/FM':>7}")
     for v in VARIANTS:
         print(f"{v:<22} {1000 * med[v]:9.1f} {med[v] / med['fm']:8.2f} {mem[v] / 2**20:9.1f} {mem[v] / mem['fm']:7.2f}")

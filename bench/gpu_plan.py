@@ -18,12 +18,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from meanflow import config, costs  # noqa: E402
-from meanflow.plan import plan  # noqa: E402
+from meanflow.plan import Plan  # noqa: E402
 
 
 def build(params: dict, tier: str, util: float | None, peak: float, gpus: int) -> str:
-    rows = plan(params, tier)
-    base = config.resolve(params, tier)
+    p = Plan(params, tier)
+    rows, base = p.rows, p.base
     b4 = costs.train_example_flops(costs.backbone_flops(base)[0], base.meanflow, base.data.num_classes)
     ref_util = costs.reference_utilisation(b4)
     util = util or ref_util

@@ -123,13 +123,13 @@ def test_inception_fid_on_cuda_equals_cpu(tmp_path):
 
 NCCL_SCRIPT = '''
 import torch, torch.distributed as dist
-from meanflow import training
-d = training.init_distributed("cuda")  # the device torchrun's LOCAL_RANK names
+from meanflow import distributed
+d = distributed.init_distributed("cuda")  # the device torchrun's LOCAL_RANK names
 # one rank: the training makes no group (nothing to reduce); make the NCCL one it would make with more
 dist.init_process_group("nccl", device_id=d.device)
 assert dist.get_backend() == "nccl", dist.get_backend()
 net = torch.nn.Linear(8, 4).to(d.device)
-avg = training.GradAverager(net.parameters(), d.world)
+avg = distributed.GradAverager(net.parameters(), d.world)
 net(torch.ones(2, 8, device=d.device)).sum().backward()
 before = net.weight.grad.clone()
 avg.average()

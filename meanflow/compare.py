@@ -1,8 +1,8 @@
-"""Cross-cluster comparison of two result sets, and export of one run's metrics and manifests.
+"""Cross-cluster comparison of two result sets (the compare stage).
 
 A result set is a directory (a project checkout after `dvc pull`, or an unpacked bundle) holding
 results/<tier>/tables/*.csv, runs/<tier>/<run>/{metrics_nfe*.json, *manifest.json}, and manifests
-of data/<tier>; or a bundle written by `export` (a .tar.gz with the same layout and bundle.json).
+of data/<tier>; or a bundle written by `bundle.export` (a .tar.gz with the same layout and bundle.json).
 
 `compare(a, b, tol)` returns a Markdown report: every table's FIDs side by side with deltas and a
 verdict against `tol`, the params that differ, the environments that differ, and which artifacts
@@ -18,12 +18,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meanflow import manifest
-
-BUNDLE_META = "bundle.json"
-# what a bundle carries: metrics, tables, manifests, logs; never weights, samples or data shards
-EXPORT_SUFFIXES = (".json", ".csv", ".md", ".tex", ".tsv", ".png", ".yaml")
-EXCLUDE_DIRS = ("checkpoints",)
+from meanflow import manifest, tables
+from meanflow.bundle import BUNDLE_META
 
 
 class CompareError(ValueError):
@@ -118,11 +114,8 @@ def load(path: str | Path, name: str | None = None, workdir: Path | None = None)
         parts = rel.split("/")
         if parts[0] == "results" and len(parts) >= 4 and parts[2] == "tables" and p.suffix == ".csv":
             with open(p, newline="") as f:
-                for r in csv.DictReader(f):
-                    # column names as meanflow.tables writes them ("our FID", "NFE") or snake_case
-                    r = {k.strip().lower().replace(" ", "_"): v for k, v in r.items() if k}
-                    table = r.get("table") or p.stem.removeprefix("table_")
-                    key = (parts[1], table, r.get("row", ""), str(r.get("nfe", "")))
+                for r in csv.DictReader(f):   # the columns meanflow.tables writes
+                    key = (parts[1], p.stem.removeprefix("table_"), r.get(tables.ROW, ""), str(r.get(tables.NFE, "")))
                     rs.rows[key] = r
         elif p.suffix == ".json" and ("manifest" in p.name or p.name.startswith("metrics")):
             try:
@@ -173,8 +166,8 @@ def compare(a: ResultSet, b: ResultSet, tol: float = 1.0) -> Report:
                   "|---|---|---|---|---|---|---|---|"]
         for k in keys:
             ra, rb = a.rows.get(k), b.rows.get(k)
-            fa, fb = _num(ra and ra.get("our_fid")), _num(rb and rb.get("our_fid"))
-            paper = _num((ra or rb).get("paper_fid"))
+            fa, fb = _num(ra and ra.get(tables.OUR_FID)), _num(rb and rb.get(tables.OUR_FID))
+            paper = _num((ra or rb).get(tables.PAPER_FID))
             delta = fb - fa if fa is not None and fb is not None else None
             if ra is None or rb is None:
                 verdict = "MISSING in " + ("A" if ra is None else "B")
@@ -232,44 +225,3 @@ def compare(a: ResultSet, b: ResultSet, tol: float = 1.0) -> Report:
         lines.append(f"| {r} | {a.files.get(r, '—')[:12]} | {b.files.get(r, '—')[:12]} | missing |")
     lines.append("")
     return Report("\n".join(lines), ok, bad, bool(diff or differ_tiers))
-
-
-# --------------------------------------------------------------------------- export
-def export(root: str | Path, tier: str, out: str | Path, force: bool = False) -> Path:
-    """Bundle a run's tables, metrics, manifests and logs of one tier (no weights, samples or data)
-    into a .tar.gz with bundle.json (file list with sha256, params, environment)."""
-    root, out = Path(root), Path(out)
-    if out.exists() and not force:
-        raise CompareError(f"{out} exists; refusing to overwrite (use --force)")
-    tables = root / "results" / tier / "tables"
-    if not tables.is_dir() or not any(tables.glob("*.csv")):
-        raise CompareError(f"no tables under {tables}: run the pipeline (or `dvc pull`) for tier {tier!r} first")
-    members = []
-    for top in ("results", "runs", "data"):
-        base = root / top / tier
-        if not base.is_dir():
-            continue
-        for p in sorted(base.rglob("*")):
-            rel = p.relative_to(root)
-            if (p.is_file() and p.suffix in EXPORT_SUFFIXES and not any(d in rel.parts for d in EXCLUDE_DIRS)
-                    and (top != "data" or "manifest" in p.name or p.suffix == ".json")):
-                members.append(rel)
-    params = None
-    if (root / "params.yaml").exists():
-        import yaml
-        params = yaml.safe_load((root / "params.yaml").read_text())
-    meta = manifest.stamp(tier=tier, files={m.as_posix(): manifest.file_hash(root / m) for m in members},
-                          params=params)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = manifest.tmp_path(out)
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / BUNDLE_META).write_text(json.dumps(meta, indent=1) + "\n")
-        with tarfile.open(tmp, "w:gz") as tf:
-            tf.add(Path(d) / BUNDLE_META, arcname=BUNDLE_META)
-            for m in members:
-                tf.add(root / m, arcname=m.as_posix())
-    if out.exists() and not force:  # appeared meanwhile
-        tmp.unlink()
-        raise CompareError(f"{out} exists; refusing to overwrite (use --force)")
-    tmp.replace(out)
-    return out

@@ -24,7 +24,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .objective import LossOutput, MeanFlow, _bcast, _full, jvp
+from .objective import LossOutput, MeanFlow, _bcast, _full, jvp, jvp_plan
 
 
 class IMF(MeanFlow):
@@ -135,10 +135,11 @@ class IMF(MeanFlow):
             sub = lambda a: None if a is None else a[mf]
             kw_mf = {k: a[mf] for k, a in kw.items()}
             u_fn = lambda z_, r_, t_: net(z_, t_, t_ - r_, sub(y_in), **kw_mf)
+            tangents = (v_tan[mf], torch.zeros_like(r[mf]), torch.ones_like(t[mf]))
+            u_fn, api = jvp_plan(net, u_fn, c.jvp_api, tangents, sub(y_in))   # the iMF DiT: forward_ad
             fp32 = torch.autocast(z.device.type, enabled=False) if c.jvp_fp32 else nullcontext()
             with fp32, torch.no_grad():
-                _, d = jvp(u_fn, (z[mf], r[mf], t[mf]), (v_tan[mf], torch.zeros_like(r[mf]), torch.ones_like(t[mf])),
-                           c.jvp_api)
+                _, d = jvp(u_fn, (z[mf], r[mf], t[mf]), tangents, api)
             dudt[mf] = _full(d)
         if self.head:
             u, v_pred = grad_net(z, t, t - r, y_in, **kw, out="uv")

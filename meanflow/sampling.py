@@ -48,3 +48,19 @@ def sample(net, e: torch.Tensor, y: torch.Tensor | None = None, nfe: int = 1, ti
         tt = torch.full((z.shape[0],), t, device=z.device)
         z = z - (t - r) * net(z, tt, tt - r, y, **kw).to(z.dtype)
     return z
+
+
+def schedules(cfg, nfes=None, error: type[Exception] = ValueError) -> dict[int, list[float]]:
+    """NFE -> times for cfg.sample.nfe (or `nfes`). sample.schedule, when set, replaces the uniform
+    schedule of its own NFE; one whose step count is not in sample.nfe raises `error`."""
+    s = cfg.sample
+    nfes = list(nfes or s.nfe)
+    out = {k: schedule(k) for k in nfes}
+    if s.schedule is not None:
+        times = schedule(times=s.schedule)
+        if len(times) - 1 not in s.nfe:
+            raise error(f"sample.schedule = {list(s.schedule)} has {len(times) - 1} steps, "
+                        f"not one of sample.nfe = {list(s.nfe)}")
+        if len(times) - 1 in out:
+            out[len(times) - 1] = times
+    return out

@@ -1,129 +1,26 @@
-"""The table-row map and the tables stage. `plan` turns params.yaml's `tables` section into rows
-(table, row, experiment, nfe, run_id) for one tier: the single list that Snakemake, dvc.yaml and
-the tables stage all read, so they cannot disagree. `build` writes results/<tier>/tables/*.{md,csv,tex}
-and results/<tier>/plots/*.png from the runs' metrics_nfe{k}.json and dvclive logs."""
+"""The tables stage: results/<tier>/tables/table_<t>.{md,csv,tex} (one pandas frame per table,
+written with to_csv / to_markdown / to_latex), plots/*.png and grids/ from the runs'
+metrics_nfe{k}.json, train manifests and dvclive logs, for the rows of the tier's plan."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+import shutil
 from pathlib import Path
 
-from meanflow import config
+from meanflow import config, layout
+from meanflow.plan import Plan
+
+# The tables' columns (compare.py reads the CSVs back by these names).
+ROW, SETTING, PAPER_FID, OUR_FID, NFE, PAPER_EPOCHS, OUR_STEPS, RUN = (
+    "row", "setting", "paper FID", "our FID", "NFE", "paper epochs", "our steps", "run")
+COLUMNS = [ROW, SETTING, PAPER_FID, OUR_FID, NFE, PAPER_EPOCHS, OUR_STEPS, RUN]
+FID_COLUMNS = (PAPER_FID, OUR_FID)   # shown with two decimals in .md and .tex
 
 
-@dataclass(frozen=True)
-class Row:
-    table: str
-    row: str
-    experiment: str
-    nfe: int
-    run_id: str
-    run_dir: str
-
-
-def experiment_name(row: str) -> str:
-    """A row's default experiment: its name with '.' written 'p' (DVC splits params keys on '.')."""
-    return row.replace(".", "p")
-
-
-def tables_of(params: dict, tier: str, tables: list[str] | None = None) -> list[str]:
-    """The tables a tier builds: tables.tiers[tier], or an explicit list (e.g. `make run-imf`'s imf1)."""
-    return [str(x) for x in (tables if tables is not None else ((params.get("tables") or {}).get("tiers", {}).get(tier, [])))]
-
-
-def plan(params: dict, tier: str, tables: list[str] | None = None) -> list[Row]:
-    """Every table row the tier builds (or of `tables`), resolved to its run (identical configs share a run_id)."""
-    t = params.get("tables") or {}
-    out, cache = [], {}
-    for table in tables_of(params, tier, tables):
-        if table not in t.get("rows", {}):
-            raise config.ConfigError(f"params.yaml: tables.tiers.{tier} names table {table!r} not in tables.rows")
-        for item in t["rows"][table]:
-            item = {"row": item} if isinstance(item, str) else item
-            exp, nfe = item.get("experiment", experiment_name(item["row"])), int(item.get("nfe", 1))
-            if exp not in cache:
-                cache[exp] = config.resolve(params, tier, exp)
-            cfg = cache[exp]
-            out.append(Row(str(table), item["row"], exp, nfe, cfg.run_id, str(cfg.run_dir)))
-    return out
-
-
-def runs(params: dict, tier: str, tables: list[str] | None = None) -> dict[str, dict]:
-    """run_id -> {experiment (the first row's), run_dir, nfe (all the tier samples), hash}."""
-    out = {}
-    for r in plan(params, tier, tables):
-        if r.run_id not in out:
-            cfg = config.resolve(params, tier, r.experiment)
-            out[r.run_id] = {"experiment": r.experiment, "run_dir": r.run_dir, "nfe": list(cfg.sample.nfe),
-                             "hash": cfg.params_hash}
-    return out
-
-
-# Source files each stage runs: Snakemake inputs and DVC deps (a code change reruns what it affects).
-# manifest.py is in each: it writes every manifest and does the atomic writes.
-CODE = {
-    "acquire": ["stages/acquire.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/config.py", "meanflow/data/*.py"],
-    "encode": ["stages/encode.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/data/*.py"],
-    "refstats": ["stages/refstats.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/data/reference.py"],
-    "features": ["stages/features.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/metrics/*.py"],
-    "train": ["stages/train.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/training.py", "meanflow/objective.py", "meanflow/models/*.py"],
-    "sample": ["stages/sample.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/generate.py", "meanflow/sampling.py", "meanflow/models/*.py"],
-    "fid": ["stages/fid.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/metrics/*.py"],
-    "tables": ["stages/tables.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/tables.py"],
-}
-
-
-LAUNCHED = ("train", "sample")   # started through meanflow.launch (torchrun with one worker per GPU)
-
-
-def resources(tier: str) -> dict[str, dict]:
-    """Cluster resources of the GPU stages (Snakemake rules; the tiny tier is CPU-only)."""
-    gpu = tier != "tiny"
-    hours = {"train": 48, "sample": 6, "fid": 2}
-    return {s: dict(gpu=int(gpu), cpus_per_gpu=8 if gpu else 0, runtime=h * 60 if gpu else 30,
-                    mem_mb=(64000 if s == "train" else 32000) if gpu else 2000) for s, h in hours.items()}
-
-
-def launcher(stage: str, tier: str) -> str:
-    """The stage's launcher prefix on one machine (DVC's commands; Snakemake's for default resources)."""
-    from meanflow import launch
-    return launch.command(resources(tier)[stage]["gpu"]) if stage in LAUNCHED else "python"
-
-
-def code(stage: str) -> list[str]:
-    """The stage's existing source files, relative to the repository root."""
-    import glob
-    return sorted({f for g in CODE[stage] for f in glob.glob(g, root_dir=config.ROOT)})
-
-
-def data_hash(params: dict, tier: str) -> str:
-    raw = config.resolve(params, tier).raw["data"]
-    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def fid_reference(params: dict, tier: str) -> str:
-    """What the fid stage compares against: ADM/Inception refstats, or on sample.features = digits
-    (tiny) the digits feature net (its reference statistics are derived from it by the fid stage)."""
-    digits = config.resolve(params, tier).raw["sample"].get("features") == "digits"
-    return f"data/{tier}/feature_net.safetensors" if digits else f"data/{tier}/refstats.npz"
-
-
-def paper_files(params: dict) -> list[str]:
-    p = (params.get("tables") or {}).get("paper", "reference/paper_results.csv")
-    return [p] if isinstance(p, str) else list(p)
-
-
-def plan_hash(params: dict, tier: str, tables: list[str] | None = None) -> str:
-    """Changes when the row map or the paper file name changes (the tables rule's params trigger)."""
-    key = [asdict(r) for r in plan(params, tier, tables)], (params.get("tables") or {}).get("paper")
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-
-
-# --------------------------------------------------------------------------- building tables
 def _paper(paths) -> dict:
+    """(table, row) -> the published row, over every CSV (MeanFlow's, iMF's)."""
     out = {}
     for path in paths:
         with open(path) as f:
@@ -131,18 +28,17 @@ def _paper(paths) -> dict:
     return out
 
 
-def _fid(run_dir: str, nfe: int):
-    p = Path(run_dir) / f"metrics_nfe{nfe}.json"
+def _fid(run: layout.RunPaths, nfe: int):
+    p = run.metrics(nfe)
     if not p.exists():
         return None
     m = json.loads(p.read_text())
     return m.get("value", m.get("fid"))   # value: FID, or fd_digits on the tiny tier
 
 
-def _steps(run_dir: str):
-    p = Path(run_dir) / "train_manifest.json"
-    if p.exists():
-        m = json.loads(p.read_text())
+def _steps(run: layout.RunPaths):
+    if run.train_manifest.exists():
+        m = json.loads(run.train_manifest.read_text())
         return m.get("steps", m.get("step"))
     return None
 
@@ -151,62 +47,30 @@ def _fmt(x):
     return "" if x is None or x == "" else (f"{float(x):.2f}" if isinstance(x, (int, float)) or str(x).replace(".", "", 1).isdigit() else str(x))
 
 
-def subset_dir(tables: list[str] | None) -> str:
-    """The suffix of an explicit table list's plots and grids dirs (beside the tier's own: a rerun of one
-    target does not remove the other's)."""
-    return "" if tables is None else "_" + "+".join(tables)
-
-
-def build(params: dict, tier: str, out: str | Path = "results", tables: list[str] | None = None) -> Path:
-    rows = plan(params, tier, tables)
-    root = Path(out) / tier
-    sub = subset_dir(tables)
-    (root / "tables").mkdir(parents=True, exist_ok=True)
-    (root / f"plots{sub}").mkdir(parents=True, exist_ok=True)
-    paper = _paper(config.ROOT / p for p in paper_files(params))
-    cols = ["row", "setting", "paper FID", "our FID", "NFE", "paper epochs", "our steps", "run"]
-    by_table: dict[str, list[dict]] = {}
-    for r in rows:
+def frame(plan: Plan, table: str, paper: dict):
+    """One table's rows as a DataFrame of Python objects (so 3 stays "3" and a missing FID empty)."""
+    import pandas as pd
+    recs = []
+    for r in (r for r in plan.rows if r.table == table):
         p = paper.get((r.table, r.row), {})
-        steps = _steps(r.run_dir) or config.resolve(params, tier, r.experiment).train.steps
-        by_table.setdefault(r.table, []).append(
-            {"row": r.row, "setting": p.get("setting", r.experiment), "paper FID": p.get("fid", ""),
-             "our FID": _fid(r.run_dir, r.nfe), "NFE": r.nfe, "paper epochs": p.get("epochs", ""),
-             "our steps": steps, "run": r.run_id})
-    for table, recs in by_table.items():
-        base = root / "tables" / f"table_{table}"
-        with open(f"{base}.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, cols)
-            w.writeheader()
-            w.writerows(recs)
-        md = [f"# Table {table} ({tier} tier)", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        md += ["| " + " | ".join(_fmt(x[c]) if c in ("paper FID", "our FID") else str(x[c]) for c in cols) + " |" for x in recs]
-        Path(f"{base}.md").write_text("\n".join(md) + "\n")
-        tex = ["\\begin{tabular}{l" + "r" * (len(cols) - 1) + "}", "\\toprule",
-               " & ".join(cols) + " \\\\", "\\midrule"]
-        tex += [" & ".join(_tex(_fmt(x[c]) if c in ("paper FID", "our FID") else str(x[c])) for c in cols) + " \\\\" for x in recs]
-        tex += ["\\bottomrule", "\\end{tabular}"]
-        Path(f"{base}.tex").write_text("\n".join(tex) + "\n")
-    _plots(params, tier, rows, root / f"plots{sub}")
-    _grids(rows, root / f"grids{sub}")
-    from meanflow import manifest   # here: the Snakefile imports this module, and manifest imports torch
-    inputs = {str(p): manifest.file_hash(p) for r in rows
-              if (p := Path(r.run_dir) / f"metrics_nfe{r.nfe}.json").exists()}
-    name = "manifest.json" if tables is None else f"manifest_{'+'.join(tables)}.json"
-    manifest.write_json(root / "tables" / name,
-                        manifest.stamp(tier=tier, plan_hash=plan_hash(params, tier, tables), inputs=inputs))
-    return root
+        recs.append({ROW: r.row, SETTING: p.get("setting", r.experiment), PAPER_FID: p.get("fid", ""),
+                     OUR_FID: _fid(r.paths, r.nfe), NFE: r.nfe, PAPER_EPOCHS: p.get("epochs", ""),
+                     OUR_STEPS: _steps(r.paths) or r.cfg.train.steps, RUN: r.run_id})
+    return pd.DataFrame(recs, columns=COLUMNS, dtype=object)
 
 
-def _grids(rows, out: Path):
-    """Each row's sample grid (samples_nfe{k}/grid.png of its run) as grids/table_<t>_<row>.png."""
-    import shutil
-    out.mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        src = Path(r.run_dir) / f"samples_nfe{r.nfe}" / "grid.png"
-        if src.exists():
-            name = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"table_{r.table}_{r.row}")
-            shutil.copyfile(src, out / f"{name}.png")
+def write(df, base: Path, title: str) -> None:
+    """base.csv (values as recorded), base.md and base.tex (FIDs to two decimals)."""
+    df.to_csv(f"{base}.csv", index=False, lineterminator="\r\n")   # csv.DictWriter's bytes
+    shown = df.astype(object).where(df.notna(), None)
+    shown = shown.apply(lambda c: c.map(_fmt) if c.name in FID_COLUMNS else c.map(str))
+    md = shown.to_markdown(index=False, tablefmt="pipe", stralign=None, numalign=None, disable_numparse=True)
+    head, rule, *body = md.splitlines()
+    rule = re.sub(r"-+", "---", rule)   # tabulate pads the rule to the column widths; ours stays short
+    Path(f"{base}.md").write_text("\n".join([f"# {title}", "", head, rule, *body]) + "\n")
+    # our escaper, not pandas' escape="latex": that writes "~" as \textasciitilde, changing the tables' bytes
+    tex = shown.style.hide(axis="index").format(_tex).format_index(_tex, axis=1)
+    Path(f"{base}.tex").write_text(tex.to_latex(hrules=True, column_format="l" + "r" * (len(df.columns) - 1)))
 
 
 def _tex(s: str) -> str:
@@ -215,51 +79,76 @@ def _tex(s: str) -> str:
     return s
 
 
-def _plots(params, tier, rows, out: Path):
+def build(params: dict, tier: str, out: str | Path = "results", tables: list[str] | None = None) -> Path:
+    """The tier's tables, plots, grids and manifest; `tables`: those tables instead (their plots,
+    grids and manifest go beside the tier's: layout.ResultPaths)."""
+    plan = Plan(params, tier, tables=tables)
+    res = layout.results(tier, out, plan.subset)
+    for d in (res.tables, res.plots):
+        d.mkdir(parents=True, exist_ok=True)
+    paper = _paper(config.ROOT / p for p in plan.paper)
+    for table in dict.fromkeys(r.table for r in plan.rows):
+        write(frame(plan, table, paper), res.tables / f"table_{table}", f"Table {table} ({tier} tier)")
+    _plots(plan, res)
+    _grids(plan.rows, res.grids)
+    from meanflow import manifest   # here: manifest imports torch
+    inputs = {str(p): manifest.file_hash(p) for r in plan.rows if (p := r.paths.metrics(r.nfe)).exists()}
+    manifest.write_json(res.manifest, manifest.stamp(tier=tier, plan_hash=plan.hash(), inputs=inputs))
+    return res.root
+
+
+def _grids(rows, out: Path):
+    """Each row's sample grid (samples_nfe{k}/grid.png of its run) as grids/table_<t>_<row>.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        src = r.paths.samples(r.nfe) / layout.GRID
+        if src.exists():
+            name = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"table_{r.table}_{r.row}")
+            shutil.copyfile(src, out / f"{name}.png")
+
+
+def _plots(plan: Plan, res: layout.ResultPaths):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    tier = plan.tier
 
     # FID against NFE, one line per run
     fig, ax = plt.subplots(figsize=(5, 4))
-    seen = {}
-    for r in rows:
-        seen.setdefault(r.run_id, r)
-    for rid, r in seen.items():
-        nfes = list(config.resolve(params, tier, r.experiment).sample.nfe)
-        fids = [_fid(r.run_dir, k) for k in nfes]
+    for run in plan.runs.values():
+        fids = [_fid(layout.run(run.cfg), k) for k in run.nfe]
         if any(f is not None for f in fids):
-            ax.plot(nfes, [f if f is not None else float("nan") for f in fids], marker="o", label=r.experiment)
+            ax.plot(run.nfe, [f if f is not None else float("nan") for f in fids], marker="o", label=run.experiment)
     ax.set(xlabel="NFE", ylabel="FID", title=f"FID vs NFE ({tier})")
     if ax.lines:
         ax.legend(fontsize=5, ncol=2)
-    fig.tight_layout(); fig.savefig(out / "fid_vs_nfe.png", dpi=120); plt.close(fig)
+    fig.tight_layout(); fig.savefig(res.plot("fid_vs_nfe"), dpi=120); plt.close(fig)
 
     # FID against model size (Table 2 rows at 1 NFE)
     fig, ax = plt.subplots(figsize=(5, 4))
     pts = []
-    for r in rows:
+    for r in plan.rows:
         if r.table == "2" and r.nfe == 1:
-            m = config.resolve(params, tier, r.experiment).model
-            size = (m.depth or 0) * (m.hidden or 0) ** 2 if m.name == "custom" else r.experiment
-            pts.append((str(size) if not isinstance(size, str) else size, _fid(r.run_dir, 1)))
+            m = r.cfg.model
+            size = str((m.depth or 0) * (m.hidden or 0) ** 2) if m.name == "custom" else r.experiment
+            pts.append((size, _fid(r.paths, 1)))
     if pts:
         ax.plot([p[0] for p in pts], [p[1] if p[1] is not None else float("nan") for p in pts], marker="o")
     ax.set(xlabel="model (depth x hidden^2 on tiny)", ylabel="FID @1 NFE", title=f"FID vs model size ({tier})")
-    fig.tight_layout(); fig.savefig(out / "fid_vs_size.png", dpi=120); plt.close(fig)
+    fig.tight_layout(); fig.savefig(res.plot("fid_vs_size"), dpi=120); plt.close(fig)
 
     # training curves from dvclive (plots/metrics/*.tsv)
     fig, ax = plt.subplots(figsize=(5, 4))
-    for rid, r in seen.items():
-        tsvs = sorted((Path(r.run_dir) / "dvclive" / "plots" / "metrics").rglob("*.tsv"))
+    for run in plan.runs.values():
+        tsvs = sorted((layout.run(run.cfg).live_plots / "metrics").rglob("*.tsv"))
         tsv = next((t for t in tsvs if "loss" in t.stem), None)
         if tsv:
             with open(tsv) as f:
                 rec = list(csv.DictReader(f, delimiter="\t"))
             if rec:
                 k = [c for c in rec[0] if c not in ("step", "timestamp")][0]
-                ax.plot([float(x["step"]) for x in rec], [float(x[k]) for x in rec], lw=0.7, label=r.experiment)
+                ax.plot([float(x["step"]) for x in rec], [float(x[k]) for x in rec], lw=0.7, label=run.experiment)
     ax.set(xlabel="step", ylabel="loss", title=f"training curves ({tier})", yscale="log" if ax.lines else "linear")
     if ax.lines:
         ax.legend(fontsize=5, ncol=2)
-    fig.tight_layout(); fig.savefig(out / "training_curves.png", dpi=120); plt.close(fig)
+    fig.tight_layout(); fig.savefig(res.plot("training_curves"), dpi=120); plt.close(fig)

@@ -32,3 +32,10 @@ def run(p: argparse.ArgumentParser, fn, *errors: type[Exception]) -> None:
                 print(item)
     except (config.ConfigError, *errors) as e:
         p.exit(1, f"error: {e}\n")
+
+
+def tier_stage(name: str, doc: str, fn, *errors: type[Exception], argv=None) -> None:
+    """A stage with only --params and --tier: fn(the tier's config), reported as `run` does."""
+    p = parser(name, doc)
+    args = p.parse_args(argv)
+    run(p, lambda: fn(config.load(args.params, tier=args.tier)), *errors)

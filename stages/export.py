@@ -6,7 +6,7 @@ for comparison on another cluster:
 Exit codes: 0 written; 2 nothing to export, or --out exists without --force."""
 import argparse
 
-from meanflow import compare
+from meanflow import bundle
 
 
 def main(argv=None):
@@ -18,8 +18,8 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     args = p.parse_args(argv)
     try:
-        print(compare.export(args.root, args.tier, args.out, force=args.force))
-    except compare.CompareError as e:
+        print(bundle.export(args.root, args.tier, args.out, force=args.force))
+    except bundle.BundleError as e:
         p.exit(2, f"error: {e}\n")
 
 

@@ -1,5 +1,6 @@
-"""Tables 1a-1f, 2, 3, 5 (and iMF's imf1, imf2) for a tier: results/<tier>/tables/table_*.{md,csv,tex} (setting, the paper's
-FID, ours, NFE, epochs/steps) and results/<tier>/plots/*.png, from the runs' metrics_nfe{k}.json."""
+"""Tables 1a-1f, 2, 3, 5 (and iMF's imf1, imf2) for a tier: results/<tier>/tables/table_*.{md,csv,tex}
+(setting, the paper's FID, ours, NFE, epochs/steps) and results/<tier>/plots/*.png, from the runs'
+metrics_nfe{k}.json."""
 
 from meanflow import config, tables
 from stages import parser, run

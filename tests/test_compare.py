@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from meanflow import compare
+from meanflow import compare, tables
 
 ROOT = Path(__file__).resolve().parent.parent
-COLS = ["table", "row", "setting", "paper_fid", "our_fid", "nfe", "steps"]
+COLS = tables.COLUMNS
 
 
 def make_set(root: Path, fids: dict, params_hash="abc123", gpu="NVIDIA H100", tier="tiny", lr=0.001):
@@ -22,7 +22,8 @@ def make_set(root: Path, fids: dict, params_hash="abc123", gpu="NVIDIA H100", ti
         w = csv.DictWriter(f, COLS)
         w.writeheader()
         for (row, nfe), fid in fids.items():
-            w.writerow(dict(table="2", row=row, setting="x", paper_fid=3.43, our_fid=fid, nfe=nfe, steps=10))
+            w.writerow({tables.ROW: row, tables.SETTING: "x", tables.PAPER_FID: 3.43, tables.OUR_FID: fid,
+                        tables.NFE: nfe, tables.PAPER_EPOCHS: "", tables.OUR_STEPS: 10, tables.RUN: "dit-abc"})
     run = root / "runs" / tier / "dit-abc"
     run.mkdir(parents=True)
     env = {"host": "h", "gpu": gpu, "packages": {"torch": "2.14.1"}}

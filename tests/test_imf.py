@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from meanflow import config, training
+from meanflow import batches, config, training
 from meanflow.data import Store
 from meanflow.imf import IMF, build_objective
 from meanflow.models.dit import DiT
@@ -102,6 +102,35 @@ def test_imf_loss_matches_independent_computation(v_source):
     # the v-head's own loss moves v-head weights; the boundary variant has none
     assert head == any(n.startswith("v_") for n, _ in net.named_parameters())
     assert all(g is not None and g.abs().sum() > 0 for (n, _), g in zip(net.named_parameters(), grads) if n.startswith("v_blocks"))
+
+
+def test_explicit_jvp_api_falls_back_for_the_imf_dit_and_runs_the_rules_on_a_plain_dit(monkeypatch):
+    """meanflow.jvp_api = explicit (params.yaml's default): the iMF DiT is not exactly the DiT, so
+    its jvp runs forward_ad with a warning (the same loss bits); an iMF loss on a plain DiT (fixed
+    guidance) takes the hand-derived tangent (dz, dt, dh) = (v, 1, 1), equal to forward_ad's."""
+    from meanflow import objective
+    from meanflow.models import tangent
+    monkeypatch.setattr(objective, "_WARNED", set())   # warned once per type and process
+    net, a = tiny_net(), inputs()
+    args = {k: a[k] for k in ("e", "t", "r", "drop", "omega", "t_min", "t_max")}
+    ref = IMF(mf_cfg(), K)(net, a["x"], a["y"], **args).loss
+    with pytest.warns(UserWarning, match="explicit.*IMFDiT uses forward_ad"):
+        got = IMF(mf_cfg(jvp_api="explicit"), K)(net, a["x"], a["y"], **args).loss
+    assert got.item() == ref.item()
+
+    torch.manual_seed(0)
+    dit = DiT(input_size=8, patch=2, in_channels=1, hidden=32, depth=2, heads=2, num_classes=K).double()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    calls, real = [], tangent.dit_jvp
+    monkeypatch.setattr(tangent, "dit_jvp", lambda *q, **k: calls.append(1) or real(*q, **k))
+    fixed = dict(omega_cond=False, interval_cond=False, v_source="boundary")
+    args = {k: a[k] for k in ("e", "t", "r", "drop")}
+    ref = IMF(mf_cfg(**fixed), K)(dit, a["x"], a["y"], **args)
+    got = IMF(mf_cfg(jvp_api="explicit", **fixed), K)(dit, a["x"], a["y"], **args)
+    assert calls == [1] and 1 < float(ref.loss_unweighted) < 1e4
+    torch.testing.assert_close(got.loss_unweighted, ref.loss_unweighted, rtol=1e-10, atol=0)
 
 
 def test_guidance_term_matters():
@@ -221,9 +250,9 @@ def write_params(path, data_root, runs_root, **train):
 def test_imf_rows_do_not_depend_on_world_size(data_root):
     cfg = config.load(write_params(data_root / "imf.yaml", data_root, data_root / "runs"))
     store, obj = Store.from_config(cfg), build_objective(cfg.meanflow, 10)
-    sampler = training.EpochSampler(len(store), 0)
-    one = training.load_rows(store, sampler, obj, 3, 24, 0, 1, 0, "cpu")
-    two = [training.load_rows(store, sampler, obj, 3, 24, r, 2, 0, "cpu") for r in range(2)]
+    sampler = batches.EpochSampler(len(store), 0)
+    one = batches.load_rows(store, sampler, obj, 3, 24, 0, 1, 0, "cpu")
+    two = [batches.load_rows(store, sampler, obj, 3, 24, r, 2, 0, "cpu") for r in range(2)]
     for k in ("omega", "t_min", "t_max"):
         assert torch.equal(torch.cat([p.cond[k] for p in two]), one.cond[k])
     assert (one.t != one.r).sum() == 12 and len(set(one.cond["omega"].tolist())) == 24
@@ -275,12 +304,12 @@ def test_imf_two_gloo_processes_equal_one(data_root, tmp_path):
 # --------------------------------------------------------------------------- tables
 def test_imf_tables_show_the_published_numbers(tmp_path):
     import csv
-    from meanflow import tables
+    from meanflow import plan, tables
     params = config.load_params()
-    rows = tables.plan(params, "tiny", ["imf1"])
+    rows = plan.rows(params, "tiny", ["imf1"])
     assert [r.row for r in rows] == ["mf", "v_boundary", "v_head", "omega_cond", "interval_cond", "in_context",
                                      "improved_block", "longer"]
-    assert len({r.run_id for r in rows}) == 8 and "imf1" not in tables.tables_of(params, "tiny")  # not in make run
+    assert len({r.run_id for r in rows}) == 8 and "imf1" not in plan.Plan(params, "tiny").tables  # not in make run
     tables.build(params, "tiny", tmp_path, ["imf1"])
     with open(ROOT / "reference" / "imf_results.csv") as f:
         published = {r["row"]: r["fid"] for r in csv.DictReader(f) if r["table"] == "imf1"}
@@ -289,5 +318,5 @@ def test_imf_tables_show_the_published_numbers(tmp_path):
     assert ours == published and ours["improved_block"] == "3.82"
     assert (tmp_path / "tiny" / "plots_imf1" / "fid_vs_nfe.png").exists()
     assert (tmp_path / "tiny" / "tables" / "manifest_imf1.json").exists()
-    imagenet = {(r.table, r.row) for r in tables.plan(params, "imagenet")}
+    imagenet = {(r.table, r.row) for r in plan.rows(params, "imagenet")}
     assert {("imf2", "iMF-XL/2-2nfe"), ("imf1", "longer")} <= imagenet

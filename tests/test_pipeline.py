@@ -1,6 +1,7 @@
 """The pipeline wiring: params -> table-row map -> Snakemake DAG == dvc.yaml. Dry-run based; the
 rerun tests use fake stage outputs in a temp copy of the repository (no stage runs)."""
 import csv
+import importlib.util
 import os
 import re
 import shutil
@@ -12,10 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meanflow import config, tables
-from stages import dvcgen
+from meanflow import config, plan, tables
 
 ROOT = config.ROOT
+_spec = importlib.util.spec_from_file_location("dvcgen", ROOT / "workflow" / "scripts" / "dvcgen.py")
+dvcgen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(dvcgen)
 TIERS = ("tiny", "cifar10", "imagenet")
 BIN = Path(sys.executable).parent
 COPY = ["Snakefile", "workflow", "meanflow", "stages", "params.yaml", "reference", "dvc.yaml"]
@@ -63,12 +66,12 @@ def test_every_paper_row_is_a_table_row(params):
     for name in ("paper_results.csv", "imf_results.csv"):   # MeanFlow's and iMF's published rows
         with open(ROOT / "reference" / name) as f:
             paper |= {(r["table"], r["row"], int(r["nfe"])) for r in csv.DictReader(f)}
-    ours = {(r.table, r.row, r.nfe) for t in TIERS for r in tables.plan(params, t)}
+    ours = {(r.table, r.row, r.nfe) for t in TIERS for r in plan.rows(params, t)}
     assert paper == ours
 
 
 def test_identical_configs_share_one_run(params):
-    rows = {(r.table, r.row): r.run_id for r in tables.plan(params, "imagenet")}
+    rows = {(r.table, r.row): r.run_id for r in plan.rows(params, "imagenet")}
     defaults = [("1a", "ratio_25"), ("1b", "tangent_v01"), ("1c", "embed_t_tmr"), ("1d", "sampler_ln_m0.4_s1.0"),
                 ("1e", "p_1.0"), ("1f", "omega_1.0")]
     assert len({rows[k] for k in defaults}) == 1
@@ -91,7 +94,7 @@ def test_per_tier_experiment_overrides(params):
 
 
 def test_dvc_yaml_is_current(params):
-    assert (ROOT / "dvc.yaml").read_text() == dvcgen.render(params), "run: python -m stages.dvcgen"
+    assert (ROOT / "dvc.yaml").read_text() == dvcgen.render(params), "run: python workflow/scripts/dvcgen.py"
 
 
 # --------------------------------------------------------------------------- Snakemake == DVC
@@ -190,7 +193,7 @@ def test_tables_rows_values_and_grids(params, tmp_path, monkeypatch):
     """tables.build puts each row's metric (fd_digits on tiny) beside the paper's FID and copies
     the row's sample grid; rows without metrics stay empty."""
     monkeypatch.chdir(tmp_path)
-    rows = {r.row: r for r in tables.plan(params, "tiny")}
+    rows = {r.row: r for r in plan.rows(params, "tiny")}
     r0, r25 = rows["ratio_0"], rows["ratio_25"]
     for r, v in ((r0, 41.5), (r25, 7.25)):
         (Path(r.run_dir) / "samples_nfe1").mkdir(parents=True)
@@ -203,5 +206,16 @@ def test_tables_rows_values_and_grids(params, tmp_path, monkeypatch):
     assert got["ratio_0"] == "41.5" and got["ratio_25"] == "7.25" and got["ratio_50"] == ""
     assert [x["paper FID"] for x in recs][:2] == ["328.91", "61.06"]
     assert (root / "grids" / "table_1a_ratio_0.png").read_bytes() == b"png ratio_0"
-    assert "| ratio_25 |" in (root / "tables" / "table_1a.md").read_text()
+    md = (root / "tables" / "table_1a.md").read_text().splitlines()
+    assert md[:4] == ["# Table 1a (tiny tier)", "", "| row | setting | paper FID | our FID | NFE | paper epochs | "
+                      "our steps | run |", "|---|---|---|---|---|---|---|---|"]
+    assert md[4] == f"| ratio_0 | ratio of r!=t = 0% (plain flow matching) | 328.91 | 41.50 | 1 | 80 | " \
+                    f"{r0.cfg.train.steps} | {r0.run_id} |"
+    tex = (root / "tables" / "table_1a.tex").read_text()
+    assert tex.startswith("\\begin{tabular}{lrrrrrrr}\n\\toprule\nrow & setting & paper FID & our FID & NFE & "
+                          "paper epochs & our steps & run \\\\\n\\midrule\nratio\\_0 & ratio of r!=t = 0\\% "
+                          "(plain flow matching) & 328.91 & 41.50 & 1 & 80 & ")
+    assert tex.endswith("\\bottomrule\n\\end{tabular}\n")
+    raw = (root / "tables" / "table_1a.csv").read_bytes()
+    assert raw.startswith(b"row,setting,paper FID,our FID,NFE,paper epochs,our steps,run\r\nratio_0,")
     assert not (root / "grids" / "table_1a_ratio_50.png").exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .. import layout
 from . import raw as rawmod
 from .fetch import DataError, extract, fetch, is_url, open_tar, rmtree
 
@@ -165,7 +166,7 @@ def from_tars(cfg, raw: Path) -> Path:
     # Every checksum is verified before anything is extracted.
     files, md5s = {}, {}
     for n in names:
-        files[n], md5s[n] = fetch(d.source_path, n, rawmod.paths(cfg).downloads, d.md5.get(n))
+        files[n], md5s[n] = fetch(d.source_path, n, layout.data(cfg).downloads, d.md5.get(n))
     idx_to_wnid, truth = devkit(files[DEVKIT], raw / ".devkit.tmp")
     classes = sorted(idx_to_wnid.values())
     partial = raw / ".partial"
@@ -220,7 +221,7 @@ def _extract_hf(archives: list[Path], dest: Path) -> None:
 
 def from_hf(cfg, raw: Path) -> Path:
     d = cfg.data
-    local = _hf_download(cfg, rawmod.paths(cfg).downloads / "hf")
+    local = _hf_download(cfg, layout.data(cfg).downloads / "hf")
     archives = {"train": sorted((local / "data").glob("train_images_*.tar.gz")),
                 "val": sorted((local / "data").glob("val_images.tar.gz"))}
     for s in d.splits:

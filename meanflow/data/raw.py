@@ -12,29 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import manifest
+from .. import layout, manifest
 from .fetch import DataError
 
 log = logging.getLogger(__name__)
-INDEX = "index.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class Paths:
-    root: Path      # data/<tier>
-
-    @property
-    def raw(self) -> Path: return self.root / "raw"
-    @property
-    def downloads(self) -> Path: return self.root / "downloads"
-    @property
-    def store(self) -> Path: return self.root / "store"
-    @property
-    def refstats(self) -> Path: return self.root / "refstats.npz"
-
-
-def paths(cfg) -> Paths:
-    return Paths(Path(cfg.data.root) / cfg.tier)
+INDEX = layout.RAW_INDEX
 
 
 @dataclasses.dataclass
@@ -97,21 +79,3 @@ def load_split(raw: Path, name: str) -> Split:
             files.append(path if Path(path).is_absolute() else str(raw / path))
             labels.append(int(label))
     return Split(name, np.asarray(labels, dtype=np.int64), files=files)
-
-
-def acquire(cfg) -> Path:
-    """The acquire stage: fetch the tier's dataset into data/<tier>/raw/ and write its index."""
-    from . import cifar, digits, imagenet
-    raw = paths(cfg).raw
-    if (raw / INDEX).exists():
-        log.info("%s exists: raw data already acquired", raw / INDEX)
-        return raw / INDEX
-    raw.mkdir(parents=True, exist_ok=True)
-    dataset = cfg.data.dataset
-    if dataset == "digits":
-        return digits.acquire(cfg, raw)
-    if dataset == "cifar10":
-        return cifar.acquire(cfg, raw)
-    if dataset == "imagenet":
-        return imagenet.acquire(cfg, raw)
-    raise DataError(f"data.dataset = {dataset!r}: no acquire stage for it (toy2d data is generated on the fly)")

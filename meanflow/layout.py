@@ -57,7 +57,7 @@ class RunPaths(NamedTuple):
 
 
 class ResultPaths(NamedTuple):
-    """results/<tier>: tables/table_<t>.{md,csv,tex}, plots/<name>.png, grids/."""
+    """results/<tier>: tables/table_<t>.{md,csv,tex}, plots/<name>.png, grids/, fid.json, fid.csv."""
     root: Path
     tables: Path
     plots: Path
@@ -72,6 +72,16 @@ class ResultPaths(NamedTuple):
 
     def plot(self, name: str) -> Path:
         return self.plots / f"{name}.png"
+
+    @property
+    def fid_json(self) -> Path:
+        """{table: {row: FID}}: the tier's DVC metrics file (`dvc metrics show`, `dvc exp show`)."""
+        return self.root / "fid.json"
+
+    @property
+    def fid_csv(self) -> Path:
+        """table,row,label,fid per row: the data of DVC's FID plot."""
+        return self.root / "fid.csv"
 
 
 def data(cfg_or_tier, root: str | Path = "data") -> DataPaths:

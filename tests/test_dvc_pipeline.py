@@ -140,7 +140,6 @@ def test_experiment_reruns_one_chain_and_records_metrics(tmp_path):
     assert "p_1.5" in table
     # queued: the workspace keeps its files; the temp workspace restores the inputs from the cache
     sh("git", "checkout", "params.yaml", "dvc.yaml", cwd=repo)
-    sh("dvc", "checkout", "-f", "-q", "tables-tiny", "--with-deps", cwd=repo)
     sh("make", "-s", "exp", "SET=experiments.p_0p0.meanflow.p=0.1", "EXP_ARGS=--queue -n q1",
        f"VENV={BIN.parent}", f"PY={sys.executable}", cwd=repo)
     assert not sh("git", "status", "--porcelain", "--untracked-files=no", cwd=repo).stdout.strip()

@@ -26,3 +26,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/train_step.py
+
+# DVC records what Snakemake produced (docs/versioning.md): dvc.lock gets the hashes of the tier's
+# outputs, deps and params; nothing reruns. Outputs already hashed are not read again (DVC's state db).
+TIER ?= tiny
+.PHONY: record exp
+record:
+	$(VENV)/bin/dvc commit --force --with-deps --quiet tables-$(TIER)
+	$(VENV)/bin/dvc status --with-deps tables-$(TIER)
+
+# an ablation as a DVC experiment: make exp SET='experiments.p_1p5.meanflow.p=1.2' [EXP_ARGS=--queue]
+exp:
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) workflow/scripts/exp.py --tier $(TIER) $(foreach s,$(SET),-S '$(s)') $(EXP_ARGS)

@@ -58,18 +58,22 @@ class RunPaths(NamedTuple):
 
 class ResultPaths(NamedTuple):
     """results/<tier>: tables/table_<t>.{md,csv,tex} and tables/manifest.json, plots/<name>.png,
-    grids/. An explicit table list (`make run-imf`: imf1) writes plots_<names>/, grids_<names>/ and
-    tables/manifest_<names>.json beside the tier's own, so a rerun of one target keeps the other's."""
+    grids/, fid.json and fid.csv (DVC's metrics). An explicit table list (`make run-imf`: imf1) writes
+    plots_<names>/, grids_<names>/ and tables/manifest_<names>.json beside the tier's own, so a rerun
+    of one target keeps the other's."""
     root: Path
     tables: Path
     plots: Path
     grids: Path
     manifest: Path
+    fid_json: Path   # {table: {row: FID}}: DVC's metrics file (`dvc metrics show`, `dvc exp show`)
+    fid_csv: Path    # table,row,label,fid per row: the data of DVC's FID plot
 
     @classmethod
     def at(cls, root: Path, subset: list[str] | None = None) -> "ResultPaths":
         sub = "" if subset is None else "_" + "+".join(subset)
-        return cls(root, root / "tables", root / f"plots{sub}", root / f"grids{sub}", root / "tables" / f"manifest{sub}.json")
+        return cls(root, root / "tables", root / f"plots{sub}", root / f"grids{sub}", root / "tables" / f"manifest{sub}.json",
+                   root / f"fid{sub}.json", root / f"fid{sub}.csv")
 
     def table(self, t, ext: str) -> Path:
         return self.tables / f"table_{t}.{ext}"

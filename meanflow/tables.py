@@ -94,7 +94,25 @@ def build(params: dict, tier: str, out: str | Path = "results", tables: list[str
     from meanflow import manifest   # here: manifest imports torch
     inputs = {str(p): manifest.file_hash(p) for r in plan.rows if (p := r.paths.metrics(r.nfe)).exists()}
     manifest.write_json(res.manifest, manifest.stamp(tier=tier, plan_hash=plan.hash(), inputs=inputs))
+    _fid_summary(plan, res)
     return res.root
+
+
+def _fid_summary(plan: Plan, res: layout.ResultPaths):
+    """fid.json ({table: {row: FID}}, rows without metrics left out) and fid.csv: only the numbers,
+    so `dvc metrics show` / `dvc exp show` list FIDs, not environments and hashes."""
+    import pandas as pd
+    from meanflow import manifest
+    vals = [(r.table, r.row, _fid(r.paths, r.nfe)) for r in plan.rows]
+    summary: dict = {}
+    for t, row, v in vals:
+        if v is not None:
+            summary.setdefault(t, {})[row] = v
+    manifest.write_json(res.fid_json, summary)
+    tmp = manifest.tmp_path(res.fid_csv)
+    pd.DataFrame([{"table": t, "row": row, "label": f"{t} {row}", "fid": v} for t, row, v in vals if v is not None],
+                 columns=["table", "row", "label", "fid"]).to_csv(tmp, index=False)
+    tmp.replace(res.fid_csv)
 
 
 def _grids(rows, out: Path):

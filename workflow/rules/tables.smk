@@ -5,6 +5,7 @@ rule tables:
         CODE["tables"],
     output:
         TABLE_OUTPUTS,
+        str(OUT.fid_json), str(OUT.fid_csv),
         report([str(OUT.plot(p)) for p in layout.PLOTS], category="Plots"),
         report(directory(str(OUT.grids)), patterns=["{name}.png"], category="Sample grids"),
     params: plan=PLAN.hash()

@@ -6,9 +6,9 @@ Splitting: --shard i --num-shards n on each job (e.g. a SLURM array), and/or tor
 --nproc-per-node P -m stages.sample ...; the bytes do not depend on the split. The last worker
 to finish writes the manifest."""
 
-from meanflow import config, generate
+from meanflow import generate
 from meanflow.data import DataError
-from stages import EXPERIMENT, parser, run
+from stages import EXPERIMENT, load, parser, run
 
 
 def main(argv=None):
@@ -18,7 +18,7 @@ def main(argv=None):
     p.add_argument("--num-shards", type=int, default=1, help="number of jobs sharing the work (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    run(p, lambda: generate.generate(config.load(args.params, tier=args.tier, experiment=args.experiment), args.nfe,
+    run(p, lambda: generate.generate(load(args), args.nfe,
                                      args.shard, args.num_shards, progress=not args.no_progress),
         DataError, generate.SampleError, ValueError)
 

@@ -39,12 +39,12 @@ def generate(params: dict) -> dict:
         data_stage("encode", [str(d.index)], [d.store])
         ref = plan.fid_reference()
         data_stage("refstats" if ref == d.refstats else "features", [str(d.index)], [ref])
-        items = {rid: {"exp": r.experiment} for rid, r in plan.runs.items()}
+        items = {rid: {"exp": r.experiment, "rep": mfplan.replicate_arg(r.replicate)} for rid, r in plan.runs.items()}
         exp_params = ["defaults", f"tiers.{tier}", "experiments.${item.exp}"]
 
         def run_stage(stage, deps, **outs):
             stages[f"{stage}-{tier}"] = {"foreach": items, "do": {
-                "cmd": stage_cmd(stage, tier, "${item.exp}", " --no-progress"),
+                "cmd": stage_cmd(stage, tier, "${item.exp}${item.rep}", " --no-progress"),
                 "deps": [*deps, *code[stage]], "params": exp_params, **outs}}
         run_stage("train", [str(d.store_manifest)], outs=[str(rd.ema), str(rd.train_manifest)],
                   plots=[{str(rd.live_plots): {"cache": False}}])

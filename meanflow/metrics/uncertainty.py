@@ -79,7 +79,8 @@ def welch(a, b, alternative: str = "two-sided") -> float | None:
 
 
 def ordering(worse, better) -> dict:
-    """Does `better` have the lower metric than `worse`? One-sided Welch over seeds."""
+    """Does `better` have the lower metric than `worse`? One-sided Welch over seeds: `holds` (p < ALPHA),
+    `reversed` (the opposite one-sided test rejects), else `not significant`."""
     sw, sb = summary(worse), summary(better)
     if not sw["n"] or not sb["n"]:
         return {"verdict": "missing", "p": None}
@@ -89,7 +90,9 @@ def ordering(worse, better) -> dict:
         return {"verdict": ("holds" if holds else "does not hold") + " (one seed: no test)", "p": None}
     if p < ALPHA:
         return {"verdict": "holds", "p": p}
-    return {"verdict": "not significant" if sw["mean"] > sb["mean"] else "does not hold", "p": p}
+    if welch(worse, better, "less") < ALPHA:
+        return {"verdict": "reversed", "p": p}
+    return {"verdict": "not significant", "p": p}
 
 
 RULE = (f"`consistent` when Welch's two-sided t-test over the seeds of A and B does not reject equal means "

@@ -4,6 +4,7 @@ rule sample:
     output: [directory(str(R.samples(k))) for k in NFE]
     params: exp=lambda w: RUNS[w.run].experiment, rep=lambda w: REP[w.run], cfg=lambda w: RUNS[w.run].hash, launch=launch.from_resources
     resources: **RES["sample"]
+    benchmark: str(layout.benchmark(TIER, "sample", "{run}"))
     shell: "{params.launch} -m stages.sample --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress"
 
 rule fid:
@@ -11,4 +12,5 @@ rule fid:
     output: [str(R.metrics(k)) for k in NFE]
     params: exp=lambda w: RUNS[w.run].experiment, rep=lambda w: REP[w.run], cfg=lambda w: RUNS[w.run].hash
     resources: **RES["fid"]
+    benchmark: str(layout.benchmark(TIER, "fid", "{run}"))
     shell: "python -m stages.fid --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress"

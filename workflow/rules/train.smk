@@ -8,4 +8,5 @@ rule train:
         live=directory(str(R.dvclive)),
     params: exp=lambda w: RUNS[w.run].experiment, rep=lambda w: REP[w.run], cfg=lambda w: RUNS[w.run].hash, launch=launch.from_resources
     resources: **RES["train"]
+    benchmark: str(layout.benchmark(TIER, "train", "{run}"))
     shell: "{params.launch} -m stages.train --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress"

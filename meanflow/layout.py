@@ -94,6 +94,12 @@ def run(cfg_or_dir) -> RunPaths:
     return RunPaths.at(Path(getattr(cfg_or_dir, "run_dir", cfg_or_dir)))
 
 
+def benchmark(tier: str, rule: str, name: str, root: str | Path = "benchmarks") -> Path:
+    """Snakemake's per-job benchmark file (wall s, cpu_time, max_rss): benchmarks/<tier>/<rule>/<name>.tsv
+    (bench/tiny_tier.py sums them per stage)."""
+    return Path(root) / tier / rule / f"{name}.tsv"
+
+
 def results(tier: str, root: str | Path = "results", subset: list[str] | None = None) -> ResultPaths:
     """results/<tier>, or the outputs of an explicit table list `subset` (see ResultPaths)."""
     return ResultPaths.at(Path(root) / tier, subset)

@@ -2,7 +2,12 @@
 experiment, nfe) and the distinct runs they read, each carrying its resolved `Config`, plus what
 the workflow needs to run them (stage code deps, resources, launchers, trigger hashes). The
 Snakefile, the dvc.yaml generator and the tables stage all read this one plan, so they cannot
-disagree, and nothing resolves params a second time."""
+disagree, and nothing resolves params a second time.
+
+Replicates: `train.replicates: R` (in a tier, or an experiment's override) makes each row read R
+runs that differ only in `train.seed + i` and `sample.seed + i` (i = 0..R-1), each with its own
+run id; replica 0 is the configuration without the key, so R = 1 and the seed-0 run of R = 3 keep
+the run id and params hash they had before replicates existed."""
 from __future__ import annotations
 
 import glob
@@ -23,14 +28,24 @@ class Row:
     run_id: str
     run_dir: str
     cfg: config.Config = field(compare=False, repr=False)
+    replicas: tuple = field(default=(), compare=False, repr=False)   # the R replica configs (replica 0 first)
 
     @property
     def paths(self) -> layout.RunPaths:
         return layout.run(self.run_dir)
 
+    @property
+    def run_ids(self) -> list[str]:
+        return [c.run_id for c in self.replicas] or [self.run_id]
+
+    @property
+    def replica_paths(self) -> list[layout.RunPaths]:
+        return [layout.run(c) for c in self.replicas] or [self.paths]
+
     def key(self) -> dict:
-        """The row without its config (what the plan hash covers)."""
-        return {k: getattr(self, k) for k in ("table", "row", "experiment", "nfe", "run_id", "run_dir")}
+        """The row without its config (what the plan hash covers); replicas only when there are several."""
+        k = {k: getattr(self, k) for k in ("table", "row", "experiment", "nfe", "run_id", "run_dir")}
+        return {**k, "replicas": self.run_ids} if len(self.run_ids) > 1 else k
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,7 @@ class Run:
     run_id: str
     experiment: str
     cfg: config.Config = field(repr=False)
+    replicate: int = 0
 
     @property
     def run_dir(self) -> str:
@@ -51,6 +67,32 @@ class Run:
     @property
     def hash(self) -> str:
         return self.cfg.params_hash
+
+
+def replicates(cfg: config.Config) -> int:
+    """train.replicates (default 1): how many seeds each row of this config trains."""
+    r = cfg.raw["train"].get("replicates", 1)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise config.ConfigError(f"{cfg.experiment or cfg.tier}: train.replicates = {r!r}; must be an integer >= 1")
+    return r
+
+
+def replica(cfg: config.Config, i: int) -> config.Config:
+    """Replica i of cfg: train.seed + i and sample.seed + i, without the replicates key (one run)."""
+    n = replicates(cfg)
+    if not 0 <= i < n:
+        raise config.ConfigError(f"replicate {i}: {cfg.experiment or cfg.tier} has train.replicates = {n} (0..{n - 1})")
+    raw = config.deep_merge(cfg.raw, {})
+    raw["train"].pop("replicates", None)
+    if i:
+        raw["train"]["seed"] += i
+        raw["sample"]["seed"] += i
+    return config.build(raw, cfg.tier, cfg.experiment, where=f"{cfg.experiment or cfg.tier} replicate {i}")
+
+
+def replicate_arg(i: int) -> str:
+    """The stage option of replica i, as the rules and dvc.yaml append it ("" for replica 0: unchanged commands)."""
+    return f" --replicate {i}" if i else ""
 
 
 def experiment_name(row: str) -> str:
@@ -82,12 +124,15 @@ class Plan:
                 item = {"row": item} if isinstance(item, str) else item
                 exp, nfe = item.get("experiment", experiment_name(item["row"])), int(item.get("nfe", 1))
                 if exp not in cache:
-                    cache[exp] = config.resolve(params, tier, exp, where=where)
-                cfg = cache[exp]
-                self.rows.append(Row(str(table), item["row"], exp, nfe, cfg.run_id, str(cfg.run_dir), cfg))
+                    full = config.resolve(params, tier, exp, where=where)
+                    cache[exp] = tuple(replica(full, i) for i in range(replicates(full)))
+                reps = cache[exp]
+                cfg = reps[0]
+                self.rows.append(Row(str(table), item["row"], exp, nfe, cfg.run_id, str(cfg.run_dir), cfg, reps))
         self.runs: dict[str, Run] = {}
         for r in self.rows:
-            self.runs.setdefault(r.run_id, Run(r.run_id, r.experiment, r.cfg))
+            for i, c in enumerate(r.replicas):
+                self.runs.setdefault(c.run_id, Run(c.run_id, r.experiment, c, i))
 
     @property
     def nfe(self) -> list[int]:
@@ -139,7 +184,7 @@ CODE = {
     "sample": ["stages/sample.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/generate.py",
                "meanflow/sampling.py", "meanflow/models/*.py"],
     "fid": ["stages/fid.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/metrics/*.py"],
-    "tables": ["stages/tables.py", *_COMMON, "meanflow/plan.py", "meanflow/tables.py"],
+    "tables": ["stages/tables.py", *_COMMON, "meanflow/plan.py", "meanflow/tables.py", "meanflow/metrics/uncertainty.py"],
 }
 
 LAUNCHED = ("train", "sample")   # started through meanflow.launch (torchrun with one worker per GPU)

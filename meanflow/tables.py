@@ -1,6 +1,10 @@
 """The tables stage: results/<tier>/tables/table_<t>.{md,csv,tex} (one pandas frame per table,
 written with to_csv / to_markdown / to_latex), plots/*.png and grids/ from the runs'
-metrics_nfe{k}.json, train manifests and dvclive logs, for the rows of the tier's plan."""
+metrics_nfe{k}.json, train manifests and dvclive logs, for the rows of the tier's plan.
+
+A row reads its R replicas (plan.py): .md/.tex show `mean ± std (n)` over the seeds, the .csv
+keeps each seed's value and each run's bootstrap interval; under each .md table an "Orderings"
+section tests the paper's orderings over seeds (metrics/uncertainty.py: one-sided Welch)."""
 from __future__ import annotations
 
 import csv
@@ -12,11 +16,25 @@ from pathlib import Path
 from meanflow import config, layout
 from meanflow.plan import Plan
 
-# The tables' columns (compare.py reads the CSVs back by these names).
+# The tables' columns (compare.py reads the CSVs back by these names). OUR_FID is the mean over
+# seeds; the CSV adds the std, the seed count, per-seed values and bootstrap intervals (';'-joined,
+# in the order of RUN's run ids) and the metric's name.
 ROW, SETTING, PAPER_FID, OUR_FID, NFE, PAPER_EPOCHS, OUR_STEPS, RUN = (
     "row", "setting", "paper FID", "our FID", "NFE", "paper epochs", "our steps", "run")
+OUR_STD, SEEDS, PER_SEED, BOOT, METRIC = "our FID std", "seeds", "our FID per seed", "bootstrap 95% per seed", "metric"
 COLUMNS = [ROW, SETTING, PAPER_FID, OUR_FID, NFE, PAPER_EPOCHS, OUR_STEPS, RUN]
+CSV_COLUMNS = [*COLUMNS, OUR_STD, SEEDS, PER_SEED, BOOT, METRIC]
 FID_COLUMNS = (PAPER_FID, OUR_FID)   # shown with two decimals in .md and .tex
+SEP = ";"
+
+# The orderings the paper's tables show, tested over seeds: (table, worse row, better row, claim).
+ORDERINGS = [
+    *(("1a", "ratio_0", r, "flow matching (0%) worse than MeanFlow at 1-NFE") for r in ("ratio_25", "ratio_50", "ratio_100")),
+    *(("1b", r, "tangent_v01", "the correct tangent (v, 0, 1) is best") for r in ("tangent_v00", "tangent_v10", "tangent_v11")),
+    *(("1f", "omega_1.0", r, "CFG helps (omega > 1 beats omega = 1)") for r in ("omega_1.5", "omega_2.0", "omega_3.0", "omega_5.0")),
+    ("2", "MF-XL/2", "MF-XL/2-2nfe", "2-NFE at most 1-NFE"),
+    *(("2", a, b, "larger at most smaller") for a, b in (("MF-B/2", "MF-M/2"), ("MF-M/2", "MF-L/2"), ("MF-L/2", "MF-XL/2"))),
+]
 
 
 def _paper(paths) -> dict:
@@ -28,12 +46,29 @@ def _paper(paths) -> dict:
     return out
 
 
-def _fid(run: layout.RunPaths, nfe: int):
+def _metrics(run: layout.RunPaths, nfe: int) -> dict | None:
     p = run.metrics(nfe)
-    if not p.exists():
-        return None
-    m = json.loads(p.read_text())
-    return m.get("value", m.get("fid"))   # value: FID, or fd_digits on the tiny tier
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _fid(run: layout.RunPaths, nfe: int):
+    m = _metrics(run, nfe)
+    return None if m is None else m.get("value", m.get("fid"))   # value: FID, or fd_digits on the tiny tier
+
+
+def seeds(row) -> tuple[list, list, str | None]:
+    """A row's per-replica values (None where missing), bootstrap intervals and metric name."""
+    ms = [_metrics(p, row.nfe) for p in row.replica_paths]
+    vals = [None if m is None else m.get("value", m.get("fid")) for m in ms]
+    boot = [((m or {}).get("bootstrap") or {}).get("ci95") for m in ms]
+    return vals, boot, next((m.get("metric") for m in ms if m and m.get("metric")), None)
+
+
+def cell(mean, std, n) -> str:
+    """`mean ± std (n)`; one seed: `mean (1)`; none: empty."""
+    if not n:
+        return ""
+    return f"{mean:.2f} ± {std:.2f} ({n})" if std is not None else f"{mean:.2f} ({n})"
 
 
 def _steps(run: layout.RunPaths):
@@ -50,27 +85,55 @@ def _fmt(x):
 def frame(plan: Plan, table: str, paper: dict):
     """One table's rows as a DataFrame of Python objects (so 3 stays "3" and a missing FID empty)."""
     import pandas as pd
+    from meanflow.metrics.uncertainty import summary
     recs = []
     for r in (r for r in plan.rows if r.table == table):
         p = paper.get((r.table, r.row), {})
+        vals, boot, metric = seeds(r)
+        s = summary(vals)
         recs.append({ROW: r.row, SETTING: p.get("setting", r.experiment), PAPER_FID: p.get("fid", ""),
-                     OUR_FID: _fid(r.paths, r.nfe), NFE: r.nfe, PAPER_EPOCHS: p.get("epochs", ""),
-                     OUR_STEPS: _steps(r.paths) or r.cfg.train.steps, RUN: r.run_id})
-    return pd.DataFrame(recs, columns=COLUMNS, dtype=object)
+                     OUR_FID: s["mean"], NFE: r.nfe, PAPER_EPOCHS: p.get("epochs", ""),
+                     OUR_STEPS: _steps(r.paths) or r.cfg.train.steps, RUN: SEP.join(r.run_ids),
+                     OUR_STD: s["std"], SEEDS: s["n"], PER_SEED: SEP.join("" if v is None else repr(v) for v in vals),
+                     BOOT: SEP.join("" if b is None else f"{b[0]:.4f}..{b[1]:.4f}" for b in boot), METRIC: metric or ""})
+    return pd.DataFrame(recs, columns=CSV_COLUMNS, dtype=object)
 
 
-def write(df, base: Path, title: str) -> None:
-    """base.csv (values as recorded), base.md and base.tex (FIDs to two decimals)."""
+def orderings(df, table: str) -> list[str]:
+    """The paper's orderings of this table that our rows can test: a Markdown section (empty if none)."""
+    from meanflow.metrics.uncertainty import ALPHA, ordering
+    vals = {r[ROW]: [float(v) for v in str(r[PER_SEED]).split(SEP) if v] for _, r in df.iterrows()}
+    tests = [o for o in ORDERINGS if o[0] == table and o[1] in vals and o[2] in vals]
+    if not tests:
+        return []
+    out = ["", "## Orderings", "",
+           f"One-sided Welch's t-test over seeds (rows may differ in variance; with 3 seeds a bootstrap over seeds "
+           f"has too few distinct resamples): `holds` p < {ALPHA}, `reversed` when the opposite test rejects, else "
+           "`not significant`. Lower is better.", "",
+           "| paper's ordering | worse | better | means | p | verdict |", "|---|---|---|---|---|---|"]
+    for _, worse, better, claim in tests:
+        o = ordering(vals[worse], vals[better])
+        m = [f"{sum(v) / len(v):.2f}" if v else "—" for v in (vals[worse], vals[better])]
+        pv = "—" if o["p"] is None else f"{o['p']:.3g}"
+        out.append(f"| {claim} | {worse} | {better} | {m[0]} > {m[1]}? | {pv} | {o['verdict']} |")
+    return out
+
+
+def write(df, base: Path, title: str, table: str | None = None) -> None:
+    """base.csv (values as recorded, per seed), base.md and base.tex (`mean ± std (n)`), orderings in .md."""
     df.to_csv(f"{base}.csv", index=False, lineterminator="\r\n")   # csv.DictWriter's bytes
     shown = df.astype(object).where(df.notna(), None)
-    shown = shown.apply(lambda c: c.map(_fmt) if c.name in FID_COLUMNS else c.map(str))
+    ours = [cell(m, s, n) for m, s, n in zip(shown[OUR_FID], shown[OUR_STD], shown[SEEDS])]
+    shown = shown[COLUMNS].apply(lambda c: c.map(_fmt) if c.name in FID_COLUMNS else c.map(str))
+    shown[OUR_FID] = ours
+    shown[RUN] = [r.split(SEP)[0] + (f" +{r.count(SEP)}" if SEP in r else "") for r in shown[RUN]]
     md = shown.to_markdown(index=False, tablefmt="pipe", stralign=None, numalign=None, disable_numparse=True)
     head, rule, *body = md.splitlines()
     rule = re.sub(r"-+", "---", rule)   # tabulate pads the rule to the column widths; ours stays short
-    Path(f"{base}.md").write_text("\n".join([f"# {title}", "", head, rule, *body]) + "\n")
+    Path(f"{base}.md").write_text("\n".join([f"# {title}", "", head, rule, *body, *orderings(df, table)]) + "\n")
     # our escaper, not pandas' escape="latex": that writes "~" as \textasciitilde, changing the tables' bytes
     tex = shown.style.hide(axis="index").format(_tex).format_index(_tex, axis=1)
-    Path(f"{base}.tex").write_text(tex.to_latex(hrules=True, column_format="l" + "r" * (len(df.columns) - 1)))
+    Path(f"{base}.tex").write_text(tex.to_latex(hrules=True, column_format="l" + "r" * (len(shown.columns) - 1)))
 
 
 def _tex(s: str) -> str:
@@ -88,11 +151,11 @@ def build(params: dict, tier: str, out: str | Path = "results", tables: list[str
         d.mkdir(parents=True, exist_ok=True)
     paper = _paper(config.ROOT / p for p in plan.paper)
     for table in dict.fromkeys(r.table for r in plan.rows):
-        write(frame(plan, table, paper), res.tables / f"table_{table}", f"Table {table} ({tier} tier)")
+        write(frame(plan, table, paper), res.tables / f"table_{table}", f"Table {table} ({tier} tier)", table)
     _plots(plan, res)
     _grids(plan.rows, res.grids)
     from meanflow import manifest   # here: manifest imports torch
-    inputs = {str(p): manifest.file_hash(p) for r in plan.rows if (p := r.paths.metrics(r.nfe)).exists()}
+    inputs = {str(p): manifest.file_hash(p) for r in plan.rows for rp in r.replica_paths if (p := rp.metrics(r.nfe)).exists()}
     manifest.write_json(res.manifest, manifest.stamp(tier=tier, plan_hash=plan.hash(), inputs=inputs))
     _fid_summary(plan, res)
     return res.root
@@ -103,7 +166,10 @@ def _fid_summary(plan: Plan, res: layout.ResultPaths):
     so `dvc metrics show` / `dvc exp show` list FIDs, not environments and hashes."""
     import pandas as pd
     from meanflow import manifest
-    vals = [(r.table, r.row, _fid(r.paths, r.nfe)) for r in plan.rows]
+    vals = []
+    for r in plan.rows:   # the mean over the row's seeds, as in the tables
+        got = [v for v in seeds(r)[0] if v is not None]
+        vals.append((r.table, r.row, sum(got) / len(got) if got else None))
     summary: dict = {}
     for t, row, v in vals:
         if v is not None:
@@ -131,12 +197,14 @@ def _plots(plan: Plan, res: layout.ResultPaths):
     import matplotlib.pyplot as plt
     tier = plan.tier
 
-    # FID against NFE, one line per run
+    # FID against NFE, one line per experiment: mean over seeds, error bars one std
+    from meanflow.metrics.uncertainty import summary
     fig, ax = plt.subplots(figsize=(5, 4))
-    for run in plan.runs.values():
-        fids = [_fid(layout.run(run.cfg), k) for k in run.nfe]
-        if any(f is not None for f in fids):
-            ax.plot(run.nfe, [f if f is not None else float("nan") for f in fids], marker="o", label=run.experiment)
+    for r in {r.experiment: r for r in plan.rows}.values():
+        st = [summary([_fid(p, k) for p in r.replica_paths]) for k in r.cfg.sample.nfe]
+        if any(x["n"] for x in st):
+            ax.errorbar(list(r.cfg.sample.nfe), [x["mean"] if x["n"] else float("nan") for x in st],
+                        yerr=[x["std"] or 0.0 for x in st], marker="o", capsize=2, label=r.experiment)
     ax.set(xlabel="NFE", ylabel="FID", title=f"FID vs NFE ({tier})")
     if ax.lines:
         ax.legend(fontsize=5, ncol=2)
@@ -149,15 +217,16 @@ def _plots(plan: Plan, res: layout.ResultPaths):
         if r.table == "2" and r.nfe == 1:
             m = r.cfg.model
             size = str((m.depth or 0) * (m.hidden or 0) ** 2) if m.name == "custom" else r.experiment
-            pts.append((size, _fid(r.paths, 1)))
+            pts.append((size, summary([_fid(p, 1) for p in r.replica_paths])))
     if pts:
-        ax.plot([p[0] for p in pts], [p[1] if p[1] is not None else float("nan") for p in pts], marker="o")
+        ax.errorbar([p[0] for p in pts], [p[1]["mean"] if p[1]["n"] else float("nan") for p in pts],
+                    yerr=[p[1]["std"] or 0.0 for p in pts], marker="o", capsize=2)
     ax.set(xlabel="model (depth x hidden^2 on tiny)", ylabel="FID @1 NFE", title=f"FID vs model size ({tier})")
     fig.tight_layout(); fig.savefig(res.plot("fid_vs_size"), dpi=120); plt.close(fig)
 
     # training curves from dvclive (plots/metrics/*.tsv)
     fig, ax = plt.subplots(figsize=(5, 4))
-    for run in plan.runs.values():
+    for run in (r for r in plan.runs.values() if r.replicate == 0):   # seed 0 only: one curve per run config
         tsvs = sorted((layout.run(run.cfg).live_plots / "metrics").rglob("*.tsv"))
         tsv = next((t for t in tsvs if "loss" in t.stem), None)
         if tsv:

@@ -15,7 +15,15 @@ def parser(name: str, doc: str, experiment: str | None = None) -> argparse.Argum
     p.add_argument("--tier", help="tier to run (default: the file's `tier`)")
     if experiment:
         p.add_argument("--experiment", help=experiment)
+        p.add_argument("--replicate", type=int, default=0,
+                       help="replica i of train.replicates: train.seed + i, sample.seed + i (default: %(default)s)")
     return p
+
+
+def load(args) -> config.Config:
+    """The config a stage with --experiment/--replicate runs (meanflow.plan.replica)."""
+    from meanflow import plan
+    return plan.replica(config.load(args.params, tier=args.tier, experiment=args.experiment), args.replicate)
 
 
 EXPERIMENT = "named experiment of the file's `experiments` (default: the tier's base config)"

@@ -6,9 +6,9 @@ Splitting: --shard i --num-shards n on each job (e.g. a SLURM array), and/or tor
 --nproc-per-node P -m stages.sample ...; the bytes do not depend on the split. The last worker
 to finish writes the manifest."""
 
-from meanflow import config, generate
+from meanflow import generate
 from meanflow.data import DataError
-from stages import EXPERIMENT, parser, run
+from stages import EXPERIMENT, load, parser, run
 
 
 def main(argv=None):
@@ -23,7 +23,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     def cfg():
-        c = config.load(args.params, tier=args.tier, experiment=args.experiment)
+        c = load(args)
         g = {k: v for k, v in (("omega", args.omega), ("t_min", args.t_min), ("t_max", args.t_max)) if v is not None}
         if not g:
             return c

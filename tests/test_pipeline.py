@@ -2,6 +2,7 @@
 rerun tests use fake stage outputs in a temp copy of the repository (no stage runs)."""
 import csv
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -204,18 +205,47 @@ def test_tables_rows_values_and_grids(params, tmp_path, monkeypatch):
     recs = list(csv.DictReader(open(root / "tables" / "table_1a.csv")))
     got = {x["row"]: x["our FID"] for x in recs}
     assert got["ratio_0"] == "41.5" and got["ratio_25"] == "7.25" and got["ratio_50"] == ""
+    assert recs[0]["seeds"] == "1" and recs[0]["our FID per seed"] == "41.5;;" and recs[0]["run"] == ";".join(r0.run_ids)
     assert [x["paper FID"] for x in recs][:2] == ["328.91", "61.06"]
     assert (root / "grids" / "table_1a_ratio_0.png").read_bytes() == b"png ratio_0"
     md = (root / "tables" / "table_1a.md").read_text().splitlines()
     assert md[:4] == ["# Table 1a (tiny tier)", "", "| row | setting | paper FID | our FID | NFE | paper epochs | "
                       "our steps | run |", "|---|---|---|---|---|---|---|---|"]
-    assert md[4] == f"| ratio_0 | ratio of r!=t = 0% (plain flow matching) | 328.91 | 41.50 | 1 | 80 | " \
-                    f"{r0.cfg.train.steps} | {r0.run_id} |"
+    assert md[4] == f"| ratio_0 | ratio of r!=t = 0% (plain flow matching) | 328.91 | 41.50 (1) | 1 | 80 | " \
+                    f"{r0.cfg.train.steps} | {r0.run_id} +2 |"
     tex = (root / "tables" / "table_1a.tex").read_text()
     assert tex.startswith("\\begin{tabular}{lrrrrrrr}\n\\toprule\nrow & setting & paper FID & our FID & NFE & "
                           "paper epochs & our steps & run \\\\\n\\midrule\nratio\\_0 & ratio of r!=t = 0\\% "
-                          "(plain flow matching) & 328.91 & 41.50 & 1 & 80 & ")
+                          "(plain flow matching) & 328.91 & 41.50 (1) & 1 & 80 & ")
     assert tex.endswith("\\bottomrule\n\\end{tabular}\n")
     raw = (root / "tables" / "table_1a.csv").read_bytes()
-    assert raw.startswith(b"row,setting,paper FID,our FID,NFE,paper epochs,our steps,run\r\nratio_0,")
+    assert raw.startswith(b"row,setting,paper FID,our FID,NFE,paper epochs,our steps,run,our FID std,seeds,"
+                          b"our FID per seed,bootstrap 95% per seed,metric\r\nratio_0,")
     assert not (root / "grids" / "table_1a_ratio_50.png").exists()
+
+
+def test_tables_mean_std_per_seed_and_orderings(params, tmp_path, monkeypatch):
+    """Three seeds per row: the .md cell is mean ± std (3), the .csv keeps each seed and each run's
+    bootstrap interval, and the orderings section tests Table 1a's FM-vs-MF ordering over seeds."""
+    monkeypatch.chdir(tmp_path)
+    rows = {r.row: r for r in plan.rows(params, "tiny") if r.table == "1a"}
+    fids = {"ratio_0": [40.0, 42.0, 44.0], "ratio_25": [7.0, 8.0, 9.0], "ratio_50": [6.0, 9.0, 12.0]}
+    for name, vals in fids.items():
+        assert len(rows[name].replica_paths) == 3
+        for p, v in zip(rows[name].replica_paths, vals):
+            p.root.mkdir(parents=True)
+            p.metrics(1).write_text(json.dumps({"metric": "fd_digits", "value": v,
+                                                 "bootstrap": {"ci95": [v - 0.5, v + 0.25]}}))
+    root = tables.build(params, "tiny", out=tmp_path / "results")
+    recs = {x["row"]: x for x in csv.DictReader(open(root / "tables" / "table_1a.csv"))}
+    assert recs["ratio_0"]["our FID"] == "42.0" and recs["ratio_0"]["our FID std"] == "2.0"
+    assert recs["ratio_0"]["our FID per seed"] == "40.0;42.0;44.0" and recs["ratio_0"]["seeds"] == "3"
+    assert recs["ratio_0"]["bootstrap 95% per seed"] == "39.5000..40.2500;41.5000..42.2500;43.5000..44.2500"
+    assert recs["ratio_0"]["metric"] == "fd_digits" and recs["ratio_100"]["seeds"] == "0"
+    md = (root / "tables" / "table_1a.md").read_text()
+    assert "| 42.00 ± 2.00 (3) |" in md and "| 8.00 ± 1.00 (3) |" in md
+    o = md.split("## Orderings")[1].splitlines()
+    holds = [x for x in o if "| ratio_0 | ratio_25 |" in x][0]
+    assert holds.endswith("| holds |") and "42.00 > 8.00?" in holds
+    assert [x for x in o if "| ratio_100 |" in x][0].endswith("| — | missing |")   # no metrics, no test
+    assert "± " in (root / "tables" / "table_1a.tex").read_text()

@@ -14,6 +14,7 @@ except mfconfig.ConfigError as e:
     raise WorkflowError(str(e))
 RUNS, NFE, TABLES = PLAN.runs, PLAN.nfe, PLAN.tables
 ONLY_FLAG = f" --tables {' '.join(ONLY)}" if ONLY else ""
+REP = {rid: mfplan.replicate_arg(r.replicate) for rid, r in RUNS.items()}   # "" or " --replicate i"
 D = PLAN.data                # data/<tier>/...
 R = PLAN.run_paths("{run}")  # runs/<tier>/{run}/...
 OUT = PLAN.results           # results/<tier>/... (plots_<tables>/, grids_<tables>/ for ONLY)

@@ -9,4 +9,5 @@ rule tables:
         report([str(OUT.plot(p)) for p in layout.PLOTS], category="Plots"),
         report(directory(str(OUT.grids)), patterns=["{name}.png"], category="Sample grids"),
     params: plan=PLAN.hash()
+    benchmark: str(layout.benchmark(TIER, "tables", "tables" + ("_" + "+".join(ONLY) if ONLY else "")))
     shell: "python -m stages.tables --params {PARAMS} --tier {TIER}" + ONLY_FLAG

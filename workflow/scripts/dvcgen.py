@@ -24,10 +24,11 @@ def stage_cmd(stage: str, tier: str, exp: str | None = None, extra: str = "") ->
     return cmd + (f" --experiment {exp}" if exp is not None else "") + extra
 
 
-def stage_key(experiment: str) -> str:
-    """A run's DVC stage key: its (first) experiment row, not its run id, so a value changed with
-    `dvc exp run -S` keeps the stage's name (and its dvc.lock entry and `dvc exp show` columns)."""
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", experiment)
+def stage_key(experiment: str, replicate: int = 0) -> str:
+    """A run's DVC stage key: its (first) experiment row and seed replicate, not its run id, so a
+    value changed with `dvc exp run -S` keeps the stage's name (and its dvc.lock entry and
+    `dvc exp show` columns)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", experiment) + (f"-seed{replicate}" if replicate else "")
 
 
 def generate(params: dict) -> dict:
@@ -47,7 +48,8 @@ def generate(params: dict) -> dict:
         data_stage("encode", [str(d.index)], [d.store])
         ref = plan.fid_reference()
         data_stage("refstats" if ref == d.refstats else "features", [str(d.index)], [ref])
-        items = {stage_key(r.experiment): {"exp": r.experiment, "run": rid} for rid, r in plan.runs.items()}
+        items = {stage_key(r.experiment, r.replicate): {"exp": r.experiment, "rep": mfplan.replicate_arg(r.replicate), "run": rid}
+                 for rid, r in plan.runs.items()}
         assert len(items) == len(plan.runs), "two runs' experiments map to one DVC stage key"
         exp_params = ["defaults", f"tiers.{tier}", "experiments.${item.exp}"]
 
@@ -55,7 +57,7 @@ def generate(params: dict) -> dict:
         # clone restore them from the cache or remote, so only the changed chain reruns.
         def run_stage(stage, deps, outs):
             stages[f"{stage}-{tier}"] = {"foreach": items, "do": {
-                "cmd": stage_cmd(stage, tier, "${item.exp}", " --no-progress"),
+                "cmd": stage_cmd(stage, tier, "${item.exp}${item.rep}", " --no-progress"),
                 "deps": [*deps, *code[stage]], "params": exp_params, "outs": [str(o) for o in outs]}}
         run_stage("train", [str(d.store_manifest)], [rd.ema, rd.train_manifest, rd.dvclive])
         run_stage("sample", [str(rd.ema)], [rd.samples(k) for k in plan.nfe])

@@ -1,5 +1,6 @@
 """The pipeline wiring: params -> table-row map -> Snakemake DAG == dvc.yaml. Dry-run based; the
 rerun tests use fake stage outputs in a temp copy of the repository (no stage runs)."""
+import copy
 import csv
 import importlib.util
 import json
@@ -8,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -148,10 +148,10 @@ def test_invalid_value_fails_before_any_job(tmp_path):
 
 
 FAKE = """import argparse, pathlib, sys
-from meanflow import config, tables
+from meanflow import config, plan, tables
 p = argparse.ArgumentParser(); p.add_argument("--params"); p.add_argument("--tier"); p.add_argument("--experiment")
-p.add_argument("--no-progress", action="store_true"); a = p.parse_args()
-P = config.load_params(a.params); cfg = config.resolve(P, a.tier, a.experiment); d = pathlib.Path("data", a.tier)
+p.add_argument("--no-progress", action="store_true"); p.add_argument("--replicate", type=int, default=0); a = p.parse_args()
+P = config.load_params(a.params); cfg = plan.replica(config.resolve(P, a.tier, a.experiment), a.replicate); d = pathlib.Path("data", a.tier)
 r = cfg.run_dir; nfe = list(cfg.sample.nfe)
 outs = {"acquire": [d / "raw/index.json"], "encode": [d / "store/manifest.json"], "refstats": [d / "refstats.npz"],
         "features": [d / "feature_net.safetensors"], "train": [r / "ema.safetensors", r / "train_manifest.json", r / "dvclive/plots/metrics/loss.tsv"],
@@ -177,10 +177,8 @@ ORDER = ["acquire", "encode", "refstats", "features", "train", "sample", "fid", 
 
 
 def test_second_run_does_nothing(done_repo):
-    t = time.perf_counter()
-    out = smk(done_repo, "-n").stdout
-    assert "Nothing to be done" in out
-    assert time.perf_counter() - t < 15
+    # how long the no-op takes is bench/pipeline.py's to measure, not a test's
+    assert "Nothing to be done" in smk(done_repo, "-n").stdout
 
 
 def test_one_value_change_reruns_one_chain(done_repo):
@@ -205,7 +203,7 @@ def test_tables_rows_values_and_grids(params, tmp_path, monkeypatch):
     recs = list(csv.DictReader(open(root / "tables" / "table_1a.csv")))
     got = {x["row"]: x["our FID"] for x in recs}
     assert got["ratio_0"] == "41.5" and got["ratio_25"] == "7.25" and got["ratio_50"] == ""
-    assert recs[0]["seeds"] == "1" and recs[0]["our FID per seed"] == "41.5;;" and recs[0]["run"] == ";".join(r0.run_ids)
+    assert recs[0]["seeds"] == "1" and recs[0]["our FID per seed"] == "41.5" and recs[0]["run"] == ";".join(r0.run_ids)
     assert [x["paper FID"] for x in recs][:2] == ["328.91", "61.06"]
     assert (root / "grids" / "table_1a_ratio_0.png").read_bytes() == b"png ratio_0"
     md = (root / "tables" / "table_1a.md").read_text().splitlines()
@@ -228,6 +226,8 @@ def test_tables_mean_std_per_seed_and_orderings(params, tmp_path, monkeypatch):
     """Three seeds per row: the .md cell is mean ± std (3), the .csv keeps each seed and each run's
     bootstrap interval, and the orderings section tests Table 1a's FM-vs-MF ordering over seeds."""
     monkeypatch.chdir(tmp_path)
+    params = copy.deepcopy(params)
+    params["tiers"]["tiny"]["train"]["replicates"] = 3
     rows = {r.row: r for r in plan.rows(params, "tiny") if r.table == "1a"}
     fids = {"ratio_0": [40.0, 42.0, 44.0], "ratio_25": [7.0, 8.0, 9.0], "ratio_50": [6.0, 9.0, 12.0]}
     for name, vals in fids.items():

@@ -113,7 +113,10 @@ def check_plan(path: str | Path, plan: dict, error: type[Exception], what: str) 
     `what` says what the plan pins down, e.g. "other inputs or settings"."""
     path = Path(path)
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as e:
+            raise error(f"{path}: damaged ({e}); delete {path.parent} to start over") from None
         diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
         if diff:
             raise error(f"{path}: this output was started with {what} ({', '.join(diff)}); "

@@ -36,7 +36,7 @@ from torch import nn
 
 from . import layout
 from .batches import EpochSampler, Rows, load_rows
-from .checkpoint import checkpoints, load_checkpoint, save_checkpoint, save_final_ema, tmp_leftovers
+from .checkpoint import CheckpointError, checkpoints, resume_latest, save_checkpoint, save_final_ema, tmp_leftovers
 from .distributed import Dist, GradAverager, init_distributed
 from .runtime import autocast, seed_of
 
@@ -265,10 +265,14 @@ class Trainer:
             tmp_leftovers(self.run_dir)
         if not ck:
             return 0
-        step, path = ck[-1]
-        state = load_checkpoint(path, self.net, self.ema, self.opt, self.device)
-        if state.get("run_id") != self.cfg.run_id:
-            raise TrainError(f"{path}: checkpoint of run {state.get('run_id')!r}, not {self.cfg.run_id!r}")
+        try:
+            found = resume_latest(self.run_dir, self.net, self.ema, self.opt, self.device, self.cfg.run_id,
+                                  move_aside=self.env.main)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+        if found is None:
+            return 0
+        step, path, state = found
         self.train_seconds = float(state.get("train_seconds", 0.0))
         log.info("resuming run %s from %s", self.cfg.run_id, path)
         return step

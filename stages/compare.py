@@ -6,13 +6,15 @@ bundles from `python -m stages.export`):
 Writes a Markdown report: FIDs side by side with deltas and a verdict against --tol, the params
 and environments that differ, and which artifacts are bit-identical. Exit codes: 0 every row within
 tolerance; 3 some rows flagged (out of tolerance, missing, or different params; the report is still
-written); 2 bad input (missing result set, no tables, existing --out without --force)."""
+written); 2 bad input (missing result set, no tables, an unreadable or malformed table or manifest, --out
+naming a directory, existing --out without --force); no partial report is left."""
 import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 from meanflow import compare, manifest
+from stages import debug_flag, guard
 
 
 def main(argv=None):
@@ -23,21 +25,25 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="report path (.md)")
     p.add_argument("--tol", type=float, default=1.0, help="FID tolerance, absolute (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    debug_flag(p)
     args = p.parse_args(argv)
     out = Path(args.out)
+    if out.is_dir():
+        p.exit(2, f"error: --out {out} is a directory; give the report's file path\n")
     if out.exists() and not args.force:
         p.exit(2, f"error: {out} exists; refusing to overwrite (use --force)\n")
-    try:
+    with guard(p, compare.CompareError, code=2):
         with tempfile.TemporaryDirectory() as d:
             a = compare.load(args.a, "A: " + args.a, Path(d))
             b = compare.load(args.b, "B: " + args.b, Path(d))
             rep = compare.compare(a, b, args.tol)
-    except compare.CompareError as e:
-        p.exit(2, f"error: {e}\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = manifest.tmp_path(out)
-    tmp.write_text(rep.text)
-    tmp.replace(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = manifest.tmp_path(out)
+        try:
+            tmp.write_text(rep.text)
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
     print(f"{out}: {rep.rows_ok} rows within tolerance, {rep.rows_bad} flagged"
           + ("; params differ" if rep.params_differ else ""))
     sys.exit(0 if rep.rows_bad == 0 else 3)

@@ -106,10 +106,10 @@ def damage(path: Path) -> str | None:
 
 def resume_latest(run_dir: Path, net: nn.Module, ema, opt, device, run_id: str, move_aside: bool = True):
     """Load the newest intact checkpoint of the run; (step, dir, state), or None when there is none.
-    A damaged one is named in a warning and (move_aside: rank 0) renamed step-N.damaged; with
-    checkpoints but none intact, CheckpointError."""
+    A damaged one is named in a warning and, once an older intact one loaded, (move_aside: rank 0)
+    renamed step-N.damaged; with checkpoints but none intact, CheckpointError (nothing moved)."""
     found = checkpoints(run_dir)
-    bad = []
+    bad, why_all = [], []
     for step, path in reversed(found):
         why = damage(path)
         if why is None:
@@ -120,15 +120,17 @@ def resume_latest(run_dir: Path, net: nn.Module, ema, opt, device, run_id: str, 
                 elif int(state.get("step", step)) != step:
                     why = f"state.pt is of step {state.get('step')}, not {step}"
                 else:
+                    if move_aside:  # the newer, damaged ones: out of the way of the steps redone
+                        for b in bad:
+                            os.replace(b, b.with_name(b.name + ".damaged"))
                     return step, path, state
             except Exception as e:  # safetensors' own error, UnpicklingError, EOFError, KeyError, ...
                 why = f"does not load ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
         log.warning("checkpoint %s is damaged: %s; trying the previous one", path, why)
-        bad.append(f"{path} ({why})")
-        if move_aside:
-            os.replace(path, path.with_name(path.name + ".damaged"))
-    if bad:
-        raise CheckpointError(f"no intact checkpoint to resume from: {'; '.join(bad)}; delete "
+        bad.append(path)
+        why_all.append(f"{path.name} ({why})")
+    if bad:  # left in place: the next attempt must not quietly start from step 0
+        raise CheckpointError(f"no intact checkpoint to resume from: {'; '.join(why_all)}; delete "
                               f"{Path(run_dir) / CKPT_DIR} to train from the start")
     return None
 

@@ -20,7 +20,7 @@ import yaml
 
 from data_fakes import data_cfg, jpeg_bytes
 from meanflow import config, training
-from meanflow.data import acquire, encode
+from meanflow.data import acquire
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
@@ -29,11 +29,12 @@ STEPS, CKPT = 12, 4
 
 
 def params(w: Path, **over) -> dict:
+    """Paths relative to the project (the stages run in it), so a copy has the same run ids."""
     tier = {"data": {"dataset": "digits", "resolution": 8, "channels": 1, "input_size": 8, "num_classes": 10,
-                     "vae": None, "flip": False, "root": str(w / "data"), "device": "cpu"},
+                     "vae": None, "flip": False, "root": "data", "device": "cpu", "workers": 0},
             "model": {"name": "custom", "depth": 1, "hidden": 32, "heads": 2, "patch": 4},
             "train": {"steps": STEPS, "batch": 16, "lr": 0.001, "ema": 0.9, "ckpt_every": CKPT, "keep_ckpts": 3,
-                      "log_every": 4, "device": "cpu", "runs_root": str(w / "runs")},
+                      "log_every": 4, "device": "cpu", "runs_root": "runs"},
             "sample": {"n": 20, "shard_size": 7, "batch": 10, "nfe": [1], "grid": 0, "device": "cpu"}}
     return {"tier": "t", "tiers": {"t": config.deep_merge(tier, over)}}
 
@@ -43,8 +44,8 @@ def write(w: Path, **over) -> Path:
     return w / "params.yaml"
 
 
-def cli(mod: str, *args, cwd=ROOT, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"stages.{mod}", *map(str, args)], cwd=cwd, env=ENV,
+def cli(mod: str, *args, cwd=ROOT, timeout=300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"stages.{mod}", *map(str, args)], cwd=cwd, env={**ENV, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -53,15 +54,14 @@ def project(tmp_path_factory):
     """data/ (digits acquired and encoded), runs/ (a trained run with 3 checkpoints and its samples)."""
     w = tmp_path_factory.mktemp("project")
     p = write(w)
-    cfg = config.load(p)
     acquire(data_cfg(w / "data", dataset="digits", resolution=8, channels=1, input_size=8, num_classes=10,
                      vae=None, splits=["train"]))
-    encode(config.load(p))
-    for mod in ("train", "sample"):
-        r = cli(mod, "--params", p, "--no-progress")
+    for mod in ("encode", "train", "sample"):
+        r = cli(mod, "--params", p, *(["--no-progress"] if mod != "encode" else []), cwd=w)
         assert r.returncode == 0, r.stderr
-    assert [s for s, _ in training.checkpoints(cfg.run_dir)] == [4, 8, 12]
-    return w, cfg.run_dir.relative_to(w)
+    run = config.load(p).run_dir   # relative: runs/t/<run id>
+    assert [s for s, _ in training.checkpoints(w / run)] == [4, 8, 12]
+    return w, run
 
 
 def result_set(root: Path, fid="6.10") -> Path:
@@ -139,7 +139,7 @@ def folder(make, **over):
                 (src / "train" / wn / f"{wn}_{k}.JPEG").write_bytes(jpeg_bytes(12, 12, c * 10 + k))
         make(w, src)
         over_data = {"dataset": "imagenet", "source": "folder", "source_path": str(src), "resolution": 8,
-                     "splits": ["train"], "root": str(w / "imagenet"), **over}
+                     "splits": ["train"], "root": "imagenet", **over}
         return ["acquire", "--params", p_(w, data=over_data)], Path("imagenet")
     return setup
 
@@ -205,9 +205,9 @@ CASES = {
     "sample_n_changed": (sample_case(EMPTY, sample={"n": 30}), 1, "(n); delete"),
     "sample_plan_garbage": (sample_case(lambda w, run: (w / run / "samples_nfe1/plan.json").write_text("{oops")),
                             1, "plan.json: damaged"),
-    "fid_shard_damaged": (lambda w, run: (truncate(w / run / "samples_nfe1/shard-00000.npz"),
-                                          (["fid", "--params", p_(w, sample={"features": "digits"})], None))[1],
-                          1, "samples_nfe1"),
+    "store_shard_deleted_after_manifest": (lambda w, run: ((w / "data/t/store/shard-00000.npy").unlink(),
+                                                           (["encode", "--params", p_(w)], Path("data/t/store")))[1],
+                                           0, "shard-00000.npy: missing or damaged"),
     # other stages' inputs (the generic guard: one line naming the file)
     "store_manifest_garbage": (lambda w, run: ((w / "data/t/store/manifest.json").write_bytes(b"\x00\xffnot json"),
                                                (["train", "--params", p_(w, train={"seed": 5})], None))[1],
@@ -268,7 +268,7 @@ def test_fault(name, project, tmp_path):
     argv, out = setup(w, run)
     out = w / out if out is not None else None
     before = snapshot(w)
-    r = cli(*argv, cwd=w)
+    r = cli(*argv, cwd=w, env={"TORCH_HOME": str(tmp_path / "torch-home")})  # no Inception weights cached
     after = snapshot(w)
     assert r.returncode == code, f"{name}: exit {r.returncode}\n{r.stderr[-3000:]}"
     assert "Traceback" not in r.stderr, r.stderr
@@ -285,9 +285,10 @@ def test_fault(name, project, tmp_path):
         for f in ("ema.safetensors", "checkpoints/step-00000012/model.safetensors"):
             assert (w / run / f).read_bytes() == (ref / run / f).read_bytes(), f
         assert list((w / run / "checkpoints").glob("*.damaged"))
-    if name.startswith("shard_"):                 # the shard remade, identically
-        for f in (ref / run / "samples_nfe1").glob("shard-*.npz"):
-            assert (w / run / "samples_nfe1" / f.name).read_bytes() == f.read_bytes(), f.name
+    if name.startswith(("shard_", "store_shard")):                 # the shard remade, identically
+        d = "data/t/store" if name.startswith("store") else run / "samples_nfe1"
+        for f in (ref / d).glob("shard-*.np*"):
+            assert (w / d / f.name).read_bytes() == f.read_bytes(), f.name
 
 
 def test_enough_cases():
@@ -299,14 +300,16 @@ def test_sigint_checkpoints_and_exits_130(project, tmp_path):
     run = fresh(project, w)
     redo_training(w, run)
     shutil.rmtree(w / run / "checkpoints")
-    p = subprocess.Popen([sys.executable, "-m", "stages.train", "--params", p_(w, train={"steps": 400}), "--no-progress"],
+    params = p_(w, train={"steps": 400})
+    rd = w / config.load(params).run_dir
+    p = subprocess.Popen([sys.executable, "-m", "stages.train", "--params", params, "--no-progress"],
                          cwd=w, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
-    while not training.checkpoints(w / run) and time.time() - t0 < 120 and p.poll() is None:
+    while not training.checkpoints(rd) and time.time() - t0 < 120 and p.poll() is None:
         time.sleep(0.01)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == training.EXIT_INTERRUPTED == 130, err
     assert "Traceback" not in err and "interrupted: checkpoint of step" in err
     step = int(err.split("interrupted: checkpoint of step ")[1].split()[0])
-    assert training.checkpoints(w / run)[-1][0] == step
+    assert training.checkpoints(rd)[-1][0] == step < 400 and not (rd / "ema.safetensors").exists()

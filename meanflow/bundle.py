@@ -24,6 +24,8 @@ def export(root: str | Path, tier: str, out: str | Path, force: bool = False) ->
     """Bundle a run's tables, metrics, manifests and logs of one tier (no weights, samples or data)
     into a .tar.gz with bundle.json (file list with sha256, params, environment)."""
     root, out = Path(root), Path(out)
+    if out.is_dir():
+        raise BundleError(f"--out {out} is a directory; give the bundle's file path")
     if out.exists() and not force:
         raise BundleError(f"{out} exists; refusing to overwrite (use --force)")
     tables = root / "results" / tier / "tables"
@@ -42,19 +44,24 @@ def export(root: str | Path, tier: str, out: str | Path, force: bool = False) ->
     params = None
     if (root / "params.yaml").exists():
         import yaml
-        params = yaml.safe_load((root / "params.yaml").read_text())
+        try:
+            params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            raise BundleError(f"{root / 'params.yaml'}: not readable YAML ({type(e).__name__})") from None
     meta = manifest.stamp(tier=tier, files={m.as_posix(): manifest.file_hash(root / m) for m in members},
                           params=params)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = manifest.tmp_path(out)
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / BUNDLE_META).write_text(json.dumps(meta, indent=1) + "\n")
-        with tarfile.open(tmp, "w:gz") as tf:
-            tf.add(Path(d) / BUNDLE_META, arcname=BUNDLE_META)
-            for m in members:
-                tf.add(root / m, arcname=m.as_posix())
-    if out.exists() and not force:  # appeared meanwhile
-        tmp.unlink()
-        raise BundleError(f"{out} exists; refusing to overwrite (use --force)")
-    tmp.replace(out)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / BUNDLE_META).write_text(json.dumps(meta, indent=1) + "\n")
+            with tarfile.open(tmp, "w:gz") as tf:
+                tf.add(Path(d) / BUNDLE_META, arcname=BUNDLE_META)
+                for m in members:
+                    tf.add(root / m, arcname=m.as_posix())
+        if out.exists() and not force:  # appeared meanwhile
+            raise BundleError(f"{out} exists; refusing to overwrite (use --force)")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed export leaves no partial bundle
     return out

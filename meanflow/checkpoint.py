@@ -1,10 +1,13 @@
 """Checkpoints of a run: checkpoints/step-NNNNNNNN/{model,ema}.safetensors + state.pt (optimizer,
-RNG, step; loaded with weights_only=True), written to a temp dir, fsynced, then renamed, so a
-directory exists only once complete; the last `keep` kept. And the run's final EMA file, whose
-bytes depend only on the weights."""
+RNG, step; loaded with weights_only=True) + hashes.json (each file's sha256), written to a temp dir,
+fsynced, then renamed, so a directory exists only once complete; the last `keep` kept. On resume
+the newest checkpoint whose files still have their hashes and load is used; a damaged one (a
+truncated file, a foreign state.pt) is named in a warning and moved aside (step-N.damaged), so the
+run redoes its steps. And the run's final EMA file, whose bytes depend only on the weights."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +17,13 @@ import torch
 from torch import nn
 
 from .layout import CKPT_DIR
+
+log = logging.getLogger(__name__)
+HASHES = "hashes.json"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run can be resumed from; the message names them."""
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -51,6 +61,9 @@ def save_checkpoint(run_dir: Path, step: int, net: nn.Module, ema, opt, extra: d
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng, **extra}, tmp / "state.pt")
+    from .manifest import file_hash
+    hashes = {f.name: file_hash(f) for f in sorted(tmp.iterdir())}
+    (tmp / HASHES).write_text(json.dumps(hashes, indent=1) + "\n")
     for f in tmp.iterdir():
         _fsync(f)
     os.replace(tmp, final)
@@ -71,6 +84,55 @@ def load_checkpoint(path: Path, net: nn.Module, ema, opt, device) -> dict:
     if "cuda" in state["rng"] and torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint dir `path` (None: every file has its recorded sha256)."""
+    from .manifest import file_hash
+    try:
+        hashes = json.loads((path / HASHES).read_text())
+    except FileNotFoundError:
+        return None  # written before hashes were recorded: loading it is the test
+    except (OSError, ValueError) as e:
+        return f"{HASHES} unreadable ({e})"
+    for name in ("model.safetensors", "ema.safetensors", "state.pt"):
+        f = path / name
+        if not f.is_file():
+            return f"{name} missing"
+        if name in hashes and file_hash(f) != hashes[name]:
+            return f"{name} is not the file written (sha256 differs; truncated or replaced?)"
+    return None
+
+
+def resume_latest(run_dir: Path, net: nn.Module, ema, opt, device, run_id: str, move_aside: bool = True):
+    """Load the newest intact checkpoint of the run; (step, dir, state), or None when there is none.
+    A damaged one is named in a warning and, once an older intact one loaded, (move_aside: rank 0)
+    renamed step-N.damaged; with checkpoints but none intact, CheckpointError (nothing moved)."""
+    found = checkpoints(run_dir)
+    bad, why_all = [], []
+    for step, path in reversed(found):
+        why = damage(path)
+        if why is None:
+            try:
+                state = load_checkpoint(path, net, ema, opt, device)
+                if state.get("run_id") not in (None, run_id):
+                    why = f"state.pt is of run {state.get('run_id')!r}, not {run_id!r}"
+                elif int(state.get("step", step)) != step:
+                    why = f"state.pt is of step {state.get('step')}, not {step}"
+                else:
+                    if move_aside:  # the newer, damaged ones: out of the way of the steps redone
+                        for b in bad:
+                            os.replace(b, b.with_name(b.name + ".damaged"))
+                    return step, path, state
+            except Exception as e:  # safetensors' own error, UnpicklingError, EOFError, KeyError, ...
+                why = f"does not load ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+        log.warning("checkpoint %s is damaged: %s; trying the previous one", path, why)
+        bad.append(path)
+        why_all.append(f"{path.name} ({why})")
+    if bad:  # left in place: the next attempt must not quietly start from step 0
+        raise CheckpointError(f"no intact checkpoint to resume from: {'; '.join(why_all)}; delete "
+                              f"{Path(run_dir) / CKPT_DIR} to train from the start")
+    return None
 
 
 def tmp_leftovers(run_dir: Path) -> None:

@@ -102,18 +102,20 @@ def load(path: str | Path, name: str | None = None, workdir: Path | None = None)
         root = _unpack(path, Path(tempfile.mkdtemp(dir=workdir)))
     rs = ResultSet(name=name or str(path), root=root)
     if (root / BUNDLE_META).exists():
-        rs.meta = json.loads((root / BUNDLE_META).read_text())
+        rs.meta = _read(root / BUNDLE_META, rs.name, json.loads)
     elif (root / "params.yaml").is_file():  # a checkout: its params file, as a bundle records it
         import yaml
-        rs.meta = {"params": yaml.safe_load((root / "params.yaml").read_text())}
+        rs.meta = {"params": _read(root / "params.yaml", rs.name, yaml.safe_load)}
+    if not isinstance(rs.meta, dict):
+        raise CompareError(f"{rs.name}: {BUNDLE_META if (root / BUNDLE_META).exists() else 'params.yaml'} "
+                           "does not hold a mapping")
     tables_dir = sorted(root.glob("results/*/tables/*.csv"), key=lambda p: (p.parts[-3], _table_key(p.stem)))
-    for p in tables_dir:
-        with open(p, newline="") as f:
-            for r in csv.DictReader(f):   # the columns meanflow.tables writes, in its row order
-                tier = p.parts[-3]
-                rs.rows[(tier, p.stem.removeprefix("table_"), r.get(tables.ROW, ""), str(r.get(tables.NFE, "")))] = r
-                for run in filter(None, (r.get(tables.RUN) or "").split(tables.SEP)):
-                    rs.runs[(tier, run)] = True
+    for p in tables_dir:   # the columns meanflow.tables writes, in its row order
+        tier = p.parts[-3]
+        for key, r in _table_rows(p, p.relative_to(root).as_posix(), tier, rs.name):
+            rs.rows[key] = r
+            for run in filter(None, (r.get(tables.RUN) or "").split(tables.SEP)):
+                rs.runs[(tier, run)] = True
     for p in sorted(root.rglob("*")):
         if not p.is_file() or p.name == BUNDLE_META or p.name.startswith("."):
             continue
@@ -127,10 +129,7 @@ def load(path: str | Path, name: str | None = None, workdir: Path | None = None)
             continue
         rs.files[rel] = manifest.file_hash(p)
         if p.suffix == ".json" and ("manifest" in p.name or p.name.startswith("metrics")):
-            try:
-                rs.manifests[rel] = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
-                raise CompareError(f"{rs.name}: {rel} is not valid JSON ({e})") from e
+            rs.manifests[rel] = _read(p, rs.name, json.loads, rel)
     if not rs.rows:
         raise CompareError(f"result set {path} has no results/<tier>/tables/*.csv (nothing to compare; "
                            "was `dvc pull` run, does the remote hold the tables?)")
@@ -142,6 +141,41 @@ def _table_key(t: str):
     import re
     m = re.match(r"(\d+)(.*)", t)
     return (int(m.group(1)), m.group(2)) if m else (10**9, t)
+
+
+def _read(p: Path, name: str, parse, rel: str | None = None):
+    """parse(p's UTF-8 text); anything unreadable -> CompareError naming the file."""
+    try:
+        return parse(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CompareError(f"{name}: {rel or p.name} is not UTF-8 text (byte {e.start})") from None
+    except Exception as e:  # JSONDecodeError, YAMLError, OSError
+        raise CompareError(f"{name}: {rel or p.name} is not readable ({type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0]})") from None
+
+
+def _table_rows(p: Path, rel: str, tier: str, name: str):
+    """(key, row) of a tables CSV; a missing column, a short row or a FID that is neither empty
+    (not computed) nor a number -> CompareError naming the file, line and value."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CompareError(f"{name}: {rel} is not UTF-8 text (byte {e.start})") from None
+    reader = csv.DictReader(text.splitlines())   # the columns meanflow.tables writes
+    need = [c for c in (tables.ROW, tables.NFE, tables.OUR_FID) if c not in (reader.fieldnames or [])]
+    if need:
+        raise CompareError(f"{name}: {rel} lacks the column(s) {', '.join(map(repr, need))}")
+    out = []
+    for r in reader:
+        line = reader.line_num
+        if None in r.values() or None in r:
+            raise CompareError(f"{name}: {rel} line {line}: {len([v for v in r.values() if v is not None])} fields, "
+                               f"the header has {len(reader.fieldnames)}")
+        fid = r[tables.OUR_FID].strip()
+        if fid and _num(fid.split("±")[0]) is None and fid.lower() != "nan":  # "mean ± std" cells too
+            raise CompareError(f"{name}: {rel} line {line}: {tables.OUR_FID} = {fid!r} is not a number")
+        out.append(((tier, p.stem.removeprefix("table_"), r[tables.ROW], str(r[tables.NFE])), r))
+    return out
 
 
 def _num(x):

@@ -12,7 +12,9 @@ arrays give equal files.
 Work splitting: job `shard` of `num_shards` (e.g. a SLURM array), times torchrun's RANK of
 WORLD_SIZE, is worker w of W; worker w does shards w, w + W, ... No process group is needed.
 Resume: shard-NNNNN.npz then shard-NNNNN.json (its hash) are written atomically, the json last; a
-shard with both is skipped. Whoever finds every shard done writes grid.png and manifest.json."""
+shard with both, whose file still has that hash, is skipped. Every call checks the plan (a
+different n, seed, weights, ... is refused, naming what to delete) and every shard (a missing or
+damaged one is remade), even when manifest.json exists. Whoever finds every shard done writes grid.png and manifest.json."""
 from __future__ import annotations
 
 import logging
@@ -99,6 +101,14 @@ def load_network(cfg, device):
         raise SampleError(f"{path}: no weights (sample.weights = {cfg.sample.weights!r}); train the run first")
     net = build_model(cfg)
     try:
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:  # a damaged file fails here, before any shape check
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError / ValueError
+        raise SampleError(f"{path}: damaged weights file, not readable safetensors ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0]}); retrain the run or restore the file") from None
+    try:
         load_model(net, str(path), strict=True, device="cpu")
     except (RuntimeError, KeyError) as e:
         raise SampleError(f"{path}: does not fit the model of run {cfg.run_id} ({str(e).splitlines()[0]})") from None
@@ -184,11 +194,14 @@ class Sampler:
     def run(self, nfe: int, times, worker: int = 0, workers: int = 1, progress: bool = True) -> Path | None:
         from tqdm import tqdm
         s, out = self.cfg.sample, sample_dir(self.cfg, nfe)
-        if (out / MANIFEST).exists():
-            log.info("%s exists: samples already made", out / MANIFEST)
-            return out / MANIFEST
         shards = Shards(out, s.n, s.shard_size, SHARD, SampleError)
+        # every call: the plan (n, seed, weights, ...) must be the one the shards were made with,
+        # and every shard must still have its recorded hash; a manifest alone proves nothing
         shards.start(self.plan(nfe, times), "other weights or settings")
+        shards.check()
+        if (out / MANIFEST).exists() and shards.complete():
+            log.info("%s: samples already made (plan and all %d shards verified)", out / MANIFEST, len(shards.ranges))
+            return out / MANIFEST
         mine = shards.todo(worker, workers)
         total = sum(shards.ranges[k][1] - shards.ranges[k][0] for k in mine)
         with tqdm(total=total, unit="img", desc=f"sample nfe={nfe}", disable=not (progress and total and main_rank()),
@@ -253,13 +266,9 @@ def finish(cfg, nfe: int) -> Path:
 def generate(cfg, nfes=None, shard: int = 0, num_shards: int = 1, progress: bool = True) -> list[Path]:
     """The sample stage for every NFE of sample.nfe (or `nfes`); returns the manifests written."""
     worker, workers = worker_of(shard, num_shards, SampleError)
-    todo = {k: t for k, t in schedules(cfg, nfes).items() if not (sample_dir(cfg, k) / MANIFEST).exists()}
-    if not todo:
-        log.info("samples of run %s already made", cfg.run_id)
-        return [sample_dir(cfg, k) / MANIFEST for k in schedules(cfg, nfes)]
-    sampler = Sampler(cfg)
+    sampler = Sampler(cfg)  # always: the plan each output is checked against holds the weights' hash
     out = []
-    for k, times in todo.items():
+    for k, times in schedules(cfg, nfes).items():
         m = sampler.run(k, times, worker, workers, progress)
         if m:
             out.append(m)

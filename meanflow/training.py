@@ -36,13 +36,14 @@ from torch import nn
 
 from . import layout
 from .batches import EpochSampler, Rows, load_rows
-from .checkpoint import checkpoints, load_checkpoint, save_checkpoint, save_final_ema, tmp_leftovers
+from .checkpoint import CheckpointError, checkpoints, resume_latest, save_checkpoint, save_final_ema, tmp_leftovers
 from .distributed import Dist, GradAverager, init_distributed
 from .runtime import autocast, seed_of
 
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: a checkpoint was written on SIGTERM/SIGUSR1; rerun to resume
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C: a checkpoint was written; rerun to resume
 METRICS = ("loss", "loss_unweighted", "mse", "v_loss")
 
 
@@ -55,11 +56,15 @@ class NonFiniteLoss(TrainError):
 
 
 class Preempted(Exception):
-    """A stop signal arrived; the checkpoint of `step` is at `path`."""
+    """A stop signal arrived; the checkpoint of `step` is at `path`. `exit_code`: 130 for Ctrl-C
+    (SIGINT), else 75 (the stage CLI's guard exits with it)."""
 
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"pre-empted: checkpoint of step {step} written to {path}; run again to resume")
+    def __init__(self, step: int, path: Path, signum: int | None = None):
+        interrupted = signum == signal.SIGINT
+        what = "interrupted" if interrupted else "pre-empted"
+        super().__init__(f"{what}: checkpoint of step {step} written to {path}; run again to resume")
         self.step, self.path = step, path
+        self.exit_code = EXIT_INTERRUPTED if interrupted else EXIT_PREEMPTED
 
 
 def make_optimizer(net: nn.Module, train_cfg) -> torch.optim.Optimizer:
@@ -115,17 +120,20 @@ def step(objective, net, opt, x, y=None, *, ema=None, averager=None, grad_net=No
 
 # --------------------------------------------------------------------------- signals and logging
 class _StopFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM pre-emption); the loop checks it after each step."""
+    """Set by SIGTERM / SIGUSR1 (SLURM pre-emption) or SIGINT (Ctrl-C); the loop checks it after
+    each step. A second Ctrl-C while the step finishes is the usual KeyboardInterrupt."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
-        self.requested, self._old = False, {}
+        self.requested, self.signum, self._old = False, None, {}
 
     def _handler(self, signum, frame):
-        self.requested = True
-        log.warning("received %s: checkpoint at the end of this step, then exit %d",
-                    signal.Signals(signum).name, EXIT_PREEMPTED)
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        log.warning("received %s: checkpoint at the end of this step, then exit %d", signal.Signals(signum).name,
+                    EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -256,10 +264,14 @@ class Trainer:
             tmp_leftovers(self.run_dir)
         if not ck:
             return 0
-        step, path = ck[-1]
-        state = load_checkpoint(path, self.net, self.ema, self.opt, self.device)
-        if state.get("run_id") != self.cfg.run_id:
-            raise TrainError(f"{path}: checkpoint of run {state.get('run_id')!r}, not {self.cfg.run_id!r}")
+        try:
+            found = resume_latest(self.run_dir, self.net, self.ema, self.opt, self.device, self.cfg.run_id,
+                                  move_aside=self.env.main)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+        if found is None:
+            return 0
+        step, path, state = found
         self.train_seconds = float(state.get("train_seconds", 0.0))
         log.info("resuming run %s from %s", self.cfg.run_id, path)
         return step
@@ -304,7 +316,7 @@ class Trainer:
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
             return self.rows(k)
 
-    def advance(self, stop_requested: bool = False):
+    def advance(self, stop_requested: bool = False, signum: int | None = None):
         """Run step self.k: rows, update, EMA, metrics, checkpoint. Raises Preempted (after writing
         the checkpoint) when any rank got a stop signal, NonFiniteLoss before a bad update."""
         tc, k = self.cfg.train, self.k
@@ -323,7 +335,7 @@ class Trainer:
         if stop:
             path = self.save(n, self.started)
             self.env.barrier()  # the others wait for rank 0's checkpoint before exiting
-            raise Preempted(n, path or self.paths.checkpoints / f"step-{n:08d}")
+            raise Preempted(n, path or self.paths.checkpoints / f"step-{n:08d}", signum)
         if n % tc.ckpt_every == 0 or n == tc.steps:
             self.ckpt = self.save(n, self.started)
 
@@ -346,7 +358,7 @@ class Trainer:
         try:
             with _StopFlag() as flag:  # a signal once training is done is ignored: finishing is quicker
                 while self.k < self.cfg.train.steps:
-                    self.advance(flag.requested)
+                    self.advance(flag.requested, flag.signum)
                 ckpt = self.ckpt or self.save(self.cfg.train.steps, self.started)  # resumed from the last one
                 if self.env.main:
                     self.finish(ckpt, self.started, self.wall0)

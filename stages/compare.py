@@ -9,14 +9,16 @@ means at p < 0.05, then `differs`; `no noise estimate` with one seed, shown agai
 relative fallback tolerance), every metrics file of the runs the tables use, the params and
 environments that differ, and an artifact summary. Exit codes: 0 every row consistent (or within
 the one-seed fallback); 3 some rows flagged (differs, missing, different params, outside the
-fallback; the report is still written); 2 bad input (missing result set, no tables, existing
---out without --force)."""
+fallback; the report is still written); 2 bad input (missing result set, no tables, an unreadable or
+malformed table or manifest, --out naming a directory, existing --out without --force); no partial
+report is left."""
 import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 from meanflow import compare, manifest
+from stages import debug_flag, guard
 
 
 def main(argv=None):
@@ -28,21 +30,25 @@ def main(argv=None):
     p.add_argument("--tol", type=float, help="relative fallback tolerance for one-seed rows (default: per tier, "
                    "meanflow.compare.FALLBACK_REL; never used where both sides have seeds)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    debug_flag(p)
     args = p.parse_args(argv)
     out = Path(args.out)
+    if out.is_dir():
+        p.exit(2, f"error: --out {out} is a directory; give the report's file path\n")
     if out.exists() and not args.force:
         p.exit(2, f"error: {out} exists; refusing to overwrite (use --force)\n")
-    try:
+    with guard(p, compare.CompareError, code=2):
         with tempfile.TemporaryDirectory() as d:
             a = compare.load(args.a, "A: " + args.a, Path(d))
             b = compare.load(args.b, "B: " + args.b, Path(d))
             rep = compare.compare(a, b, args.tol)
-    except compare.CompareError as e:
-        p.exit(2, f"error: {e}\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = manifest.tmp_path(out)
-    tmp.write_text(rep.text)
-    tmp.replace(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = manifest.tmp_path(out)
+        try:
+            tmp.write_text(rep.text)
+            tmp.replace(out)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
     print(f"{out}: {rep.rows_ok} rows consistent, {rep.rows_bad} flagged"
           + ("; params differ" if rep.params_differ else ""))
     sys.exit(0 if rep.rows_bad == 0 else 3)

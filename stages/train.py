@@ -22,10 +22,7 @@ def main(argv=None):
             raw = config.deep_merge(cfg.raw, {"train": {"steps": args.steps}})
             cfg = config.build(raw, cfg.tier, cfg.experiment, where=f"{args.params} with --steps {args.steps}")
         return training.train(cfg, progress=not args.no_progress)
-    try:
-        run(p, train, data.DataError, training.TrainError)
-    except training.Preempted as e:
-        p.exit(training.EXIT_PREEMPTED, f"{e}\n")
+    run(p, train, data.DataError, training.TrainError)  # Preempted: its exit_code (75 or 130)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,15 @@ class Split:
 
 def write_files_split(raw: Path, name: str, items: list[tuple[str, int]]) -> dict:
     tmp = manifest.tmp_path(raw / f"{name}.tsv")
-    with open(tmp, "w") as f:
-        for path, label in items:
-            if "\t" in path or "\n" in path:
-                raise DataError(f"{path!r}: file names with tabs or newlines are not supported")
-            f.write(f"{path}\t{label}\n")
-    tmp.replace(raw / f"{name}.tsv")
+    try:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            for path, label in items:
+                if "\t" in path or "\n" in path:
+                    raise DataError(f"{path!r}: file names with tabs or newlines are not supported")
+                f.write(f"{path}\t{label}\n")
+        tmp.replace(raw / f"{name}.tsv")
+    finally:
+        tmp.unlink(missing_ok=True)  # a refused index leaves no temp file
     return {"format": "files", "file": f"{name}.tsv", "count": len(items),
             "sha256": manifest.file_hash(raw / f"{name}.tsv")}
 
@@ -73,7 +76,7 @@ def load_split(raw: Path, name: str) -> Split:
     if s["format"] == "array":
         return Split(name, np.load(raw / s["y"]), x=np.load(raw / s["x"], mmap_mode="r"), maxval=s["maxval"])
     files, labels = [], []
-    with open(raw / s["file"]) as f:
+    with open(raw / s["file"], encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             path, label = line.rstrip("\n").split("\t")
             files.append(path if Path(path).is_absolute() else str(raw / path))

@@ -129,9 +129,11 @@ def encode(cfg, worker: int = 0, num_workers: int = 1) -> Path | None:
     if not 0 <= worker < num_workers:
         raise DataError(f"worker {worker} of {num_workers}: want 0 <= worker < num_workers")
     d, p = cfg.data, layout.data(cfg)
-    if p.store_manifest.exists():
-        log.info("%s exists: store already encoded", p.store_manifest)
-        return p.store_manifest
+    if p.store_manifest.exists():  # verified, not trusted: a deleted or damaged shard is remade
+        sh = Shards.of(p.store, SHARD, "count", DataError, "no plan.json beside manifest.json; delete the store")
+        if not sh.check() and sh.complete():
+            log.info("%s: store already encoded (all %d shards verified)", p.store_manifest, len(sh.ranges))
+            return p.store_manifest
     split = load_split(p.raw, d.encode_split)
     index = read_index(p.raw)
     data = Images(split, d.resolution, d.skip_corrupt)

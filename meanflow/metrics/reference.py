@@ -59,7 +59,12 @@ def inception_weights(path: str | None) -> Path:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
         p = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
         if not p.exists():
-            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(p), hash_prefix="6726825d")
+            try:
+                torch.hub.download_url_to_file(URL_INCEPTION_V3, str(p), hash_prefix="6726825d")
+            except Exception as e:  # offline: URLError, socket errors, a hash mismatch (RuntimeError)
+                raise DataError(f"Inception weights are not in {p} and cannot be downloaded from {URL_INCEPTION_V3} "
+                                f"({type(e).__name__}: {e}); offline, set data.inception_weights to a local copy "
+                                f"of {os.path.basename(URL_INCEPTION_V3)}") from None
     else:
         p = Path(path)
         if not p.is_file():

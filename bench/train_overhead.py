@@ -1,6 +1,6 @@
 """Train-stage overhead: one iteration of the stage's loop (Trainer.advance: batch indices, store
 batch, per-step generators and draws, the loss check's host sync, EMA, DVCLive rows every
-train.log_every steps, tqdm) against the bare objective step (training.train_step on one fixed
+train.log_every steps, tqdm) against the bare objective step (training.step on one fixed
 batch) for the same model, batch size and device. Interleaved rounds in one process; medians.
 
     python bench/train_overhead.py [--tier tiny] [--rounds 7] [--steps 10] [--device cpu]
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from meanflow import config, data, training  # noqa: E402
+from meanflow import config, data, runtime, training  # noqa: E402
 from meanflow.models import build_model  # noqa: E402
 from meanflow.objective import MeanFlow  # noqa: E402
 
@@ -64,7 +64,7 @@ def main():
         data.encode(built)
     cfg = config.build(config.deep_merge(cfg.raw, over), cfg.tier)
 
-    trainer = training.Trainer(cfg, training.Dist(0, 1, training.select_device(args.device)))
+    trainer = training.Trainer(cfg, training.Dist(0, 1, runtime.device(args.device)))
     trainer.open()
     device, tc = trainer.device, cfg.train
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def main():
     x, y = trainer.store.batch(range(tc.batch), torch.Generator(device).manual_seed(0))
     y = y if cfg.data.num_classes else None
 
-    bare = lambda: training.train_step(obj, net, opt, x, y, generator=g, device=device)  # noqa: E731
+    bare = lambda: training.step(obj, net, opt, x, y, generator=g)  # noqa: E731
     stage = trainer.advance
     for fn in (bare, stage):
         timed(fn, 3, device)  # warm-up

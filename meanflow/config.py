@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from functools import cache
 from pathlib import Path
@@ -53,7 +54,22 @@ def _with_defaults(cls):
 _Validator = _with_defaults(jsonschema.Draft202012Validator)
 
 
+def _non_finite(v: Any, key: str = ""):
+    """(key, value) of the first NaN or infinity in a parsed YAML tree (JSON Schema cannot see them)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return key or "<top>", v
+    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+    for k, x in items:
+        found = _non_finite(x, f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
+
+
 def _validate(instance: Any, sch: dict, where: str) -> None:
+    bad = _non_finite(instance)
+    if bad:
+        raise ConfigError(f"{where}: {bad[0]} = {bad[1]}: not a finite number")
     full = {**sch, "$defs": schema()["$defs"]}
     errors = sorted(_Validator(full).iter_errors(instance), key=lambda e: list(e.absolute_path))
     if errors:
@@ -107,13 +123,13 @@ class Config:
 
     @property
     def params_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:10]
+        return hashlib.sha256(json.dumps(_hashed(self.raw), sort_keys=True).encode()).hexdigest()[:10]
 
     @property
     def run_id(self) -> str:
         """Readable name plus a hash of everything that shapes the trained weights (data, model,
         meanflow, train), so identical configurations asked for by several table rows train once."""
-        key = {s: self.raw[s] for s in ("data", "model", "meanflow", "train")}
+        key = {s: _hashed(self.raw)[s] for s in ("data", "model", "meanflow", "train")}
         # where and how often a run is logged or saved does not change its weights
         key["train"] = {k: v for k, v in key["train"].items() if k not in RUN_NEUTRAL}
         for (sec, k), off in OFF_DEFAULTS.items():  # keys added later: off = the runs named before them
@@ -133,6 +149,18 @@ class Config:
         """Keys a stage added to an open section (data, train, sample) beyond the schema's."""
         known = {f.name for f in dataclasses.fields(getattr(self, section))}
         return {k: v for k, v in self.raw[section].items() if k not in known}
+
+
+def _hashed(raw: dict) -> dict:
+    """raw without the keys marked x-unhashed-default that sit at their default: a key added later
+    (e.g. iMF's) leaves the hashes, so the run ids, of existing configurations as they were."""
+    out = dict(raw)
+    for s in SECTIONS:
+        props = schema()["$defs"][s]["properties"]
+        sec = raw.get(s, {})
+        out[s] = {k: v for k, v in sec.items()
+                  if not (props.get(k, {}).get("x-unhashed-default") and v == props[k].get("default"))}
+    return out
 
 
 RUN_NEUTRAL = ("runs_root", "device", "ckpt_every", "keep_ckpts", "log_every", "compile")
@@ -158,16 +186,44 @@ def build(raw: dict, tier: str = "custom", experiment: str | None = None, where:
         sections[s] = classes[s](**{k: _freeze(v) for k, v in raw[s].items() if k in known})
     if not raw["meanflow"]["t_start"] <= raw["meanflow"]["t_end"]:
         raise ConfigError(f"{where}: meanflow.t_start ({raw['meanflow']['t_start']}) > meanflow.t_end ({raw['meanflow']['t_end']})")
+    _check_shapes(raw, where)
     return Config(tier=tier, experiment=experiment, raw=raw, **sections)
+
+
+def _check_shapes(raw: dict, where: str) -> None:
+    """Shapes the schema cannot see, checked at config time (so before any job): a DiT's hidden
+    size splits into its heads and its input into patches; a latent tier's resolution is the
+    latent size times the VAE's downsampling factor (a power of two: 8 for sd-vae)."""
+    m, d = raw["model"], raw["data"]
+    if m["arch"] == "dit":
+        named = re.fullmatch(r"MF-[A-Z]+/(\d+)", m["name"] or "")  # models/dit.py's DIT_CONFIGS (torch-free here)
+        patch = int(named.group(1)) if named else m.get("patch")
+        hidden, heads = (None, None) if named else (m.get("hidden"), m.get("heads"))
+        if hidden and heads and hidden % heads:
+            raise ConfigError(f"{where}: model.hidden = {hidden} is not divisible by model.heads = {heads}")
+        if patch and d["input_size"] % patch:
+            raise ConfigError(f"{where}: data.input_size = {d['input_size']} is not divisible by the patch size "
+                              f"{patch} (model.{'name = ' + repr(m['name']) if named else 'patch'})")
+    if d.get("vae") is not None:
+        f, r = d["resolution"] // d["input_size"], d["resolution"] % d["input_size"]
+        if r or f & (f - 1):
+            raise ConfigError(f"{where}: data.resolution = {d['resolution']} is not data.input_size = "
+                              f"{d['input_size']} times a VAE downsampling factor (a power of two: 8 for sd-vae)")
 
 
 # --------------------------------------------------------------------------- params.yaml
 def load_params(path: str | Path = PARAMS_PATH) -> dict:
     path = Path(path)
     try:
-        params = yaml.safe_load(path.read_text())
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such parameters file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a parameters file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the parameters file ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     _validate(params, {k: v for k, v in schema().items() if k != "$defs"}, str(path))

@@ -14,11 +14,11 @@ arrays give equal files.
 Work splitting: job `shard` of `num_shards` (e.g. a SLURM array), times torchrun's RANK of
 WORLD_SIZE, is worker w of W; worker w does shards w, w + W, ... No process group is needed.
 Resume: shard-NNNNN.npz then shard-NNNNN.json (its hash) are written atomically, the json last; a
-shard with both is skipped. Whoever finds every shard done writes grid.png and manifest.json."""
+shard with both, whose file still has that hash, is skipped. Every call checks the plan (a
+different n, seed, weights, ... is refused, naming what to delete) and every shard (a missing or
+damaged one is remade), even when manifest.json exists. Whoever finds every shard done writes grid.png and manifest.json."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -30,14 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import manifest
-from .sampling import sample, schedule
+from . import layout, manifest, runtime
+from .sampling import sample, schedules as _schedules
+from .shards import MANIFEST, Shards, digest, main_rank, worker_of
 
 log = logging.getLogger(__name__)
-SHARD, DONE, PLAN, MANIFEST, GRID = "shard-{:05d}.npz", "shard-{:05d}.json", "plan.json", "manifest.json", "grid.png"
+SHARD, GRID = layout.SAMPLE_SHARD, layout.GRID
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 LABEL_RULES = {"balanced": "i mod num_classes",
-               "random": "randint(num_classes) from torch.Generator().manual_seed(seed_of(seed, 'label/{i}'))"}
+               "random": "randint(num_classes) from torch.Generator().manual_seed(sha256(repr((seed, 'label', i)))[:8] >> 1)"}
 DECODE_CHUNK = 64   # images per VAE decode: 250 at 256 px would hold tens of GB of decoder activations
 
 
@@ -46,16 +47,12 @@ class SampleError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- pieces
-def seed_of(seed: int, i: int) -> int:
-    """The 63-bit seed of sample i: a hash, so nearby (seed, i) give unrelated streams."""
-    return int.from_bytes(hashlib.sha256(f"meanflow-sample/{seed}/{i}".encode()).digest()[:8], "little") >> 1
-
-
 def noise(seed: int, indices, shape) -> torch.Tensor:
-    """float32 N x C x H x W on the CPU; row j depends only on (seed, indices[j])."""
+    """float32 N x C x H x W on the CPU; row j depends only on (seed, indices[j]): its generator is
+    seeded with runtime.seed_of(seed, "sample", i), the one seed function of training and sampling."""
     g, out = torch.Generator(), torch.empty(len(indices), *shape)
     for j, i in enumerate(indices):
-        g.manual_seed(seed_of(seed, int(i)))
+        g.manual_seed(runtime.seed_of(seed, "sample", int(i)))
         torch.randn(shape, generator=g, out=out[j])
     return out
 
@@ -71,7 +68,7 @@ def labels(indices, num_classes: int, mode: str = "balanced", seed: int = 0) -> 
     g = torch.Generator()
     out = np.empty(len(idx), np.int64)
     for j, i in enumerate(idx):
-        out[j] = torch.randint(num_classes, (), generator=g.manual_seed(seed_of(seed, f"label/{i}"))).item()
+        out[j] = torch.randint(num_classes, (), generator=g.manual_seed(runtime.seed_of(seed, "label", int(i)))).item()
     return out
 
 
@@ -94,40 +91,21 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def select_device(name: str = "auto") -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SampleError("sample.device = cuda, but no CUDA device is present")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.set_device(dev)
-    return dev
-
-
 def schedules(cfg, nfes=None) -> dict[int, list[float]]:
-    """NFE -> times. sample.schedule, when set, replaces the uniform schedule of its own NFE."""
-    s = cfg.sample
-    nfes = list(nfes or s.nfe)
-    # 2 NFE: 1 -> sample.t_mid -> 0 (0.5: the uniform 2-step schedule of the official sampler)
-    out = {k: [1.0, float(s.t_mid), 0.0] if k == 2 else schedule(k) for k in nfes}
-    if s.schedule is not None:
-        times = schedule(times=s.schedule)
-        if len(times) - 1 not in s.nfe:
-            raise SampleError(f"sample.schedule = {list(s.schedule)} has {len(times) - 1} steps, "
-                              f"not one of sample.nfe = {list(s.nfe)}")
-        if len(times) - 1 in out:
-            out[len(times) - 1] = times
-    return out
+    return _schedules(cfg, nfes, SampleError)
 
 
 def sample_dir(cfg, nfe: int) -> Path:
-    return Path(cfg.run_dir) / f"samples_nfe{nfe}"
+    return layout.run(cfg).samples(nfe)
+
+
+def shards_of(out: Path, error: type[Exception] = None) -> Shards:
+    """The shards of a sample directory in progress (from its plan.json)."""
+    return Shards.of(out, SHARD, "n", error or SampleError, "no samples; run stages.sample")
 
 
 def weights_path(cfg) -> Path:
-    return Path(cfg.sample.weights) if cfg.sample.weights else Path(cfg.run_dir) / "ema.safetensors"
-
-
+    return Path(cfg.sample.weights) if cfg.sample.weights else layout.run(cfg).ema
 def load_network(cfg, device):
     """build_model(cfg) with the run's EMA weights (or sample.weights); (net, path)."""
     from safetensors.torch import load_model
@@ -136,6 +114,14 @@ def load_network(cfg, device):
     if not path.is_file():
         raise SampleError(f"{path}: no weights (sample.weights = {cfg.sample.weights!r}); train the run first")
     net = build_model(cfg)
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:  # a damaged file fails here, before any shape check
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError / ValueError
+        raise SampleError(f"{path}: damaged weights file, not readable safetensors ({type(e).__name__}: "
+                          f"{(str(e).splitlines() or [''])[0]}); retrain the run or restore the file") from None
     try:
         load_model(net, str(path), strict=True, device="cpu")
     except (RuntimeError, KeyError) as e:
@@ -167,26 +153,6 @@ class Decoder:
         return to_uint8(self.floats(z))
 
 
-def _ranges(n: int, size: int) -> list[tuple[int, int]]:
-    return [(k * size, min((k + 1) * size, n)) for k in range(math.ceil(n / size))]
-
-
-def _done(out: Path, k: int) -> bool:
-    return (out / DONE.format(k)).exists() and (out / SHARD.format(k)).exists()
-
-
-def worker_of(shard: int = 0, num_shards: int = 1) -> tuple[int, int]:
-    """(worker, workers): job `shard` of `num_shards` times torchrun's RANK of WORLD_SIZE."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if not 0 <= shard < num_shards:
-        raise SampleError(f"--shard {shard} of --num-shards {num_shards}: want 0 <= shard < num_shards")
-    return shard * world + rank, num_shards * world
-
-
-def main_rank() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
-
-
 # --------------------------------------------------------------------------- the stage
 class Sampler:
     """The network, the decoder and the plan-independent settings, loaded once for every NFE."""
@@ -196,16 +162,23 @@ class Sampler:
         if d.num_classes and s.labels == "balanced" and s.n % d.num_classes:
             raise SampleError(f"sample.n = {s.n} is not a multiple of data.num_classes = {d.num_classes} "
                               "(sample.labels = balanced: n / num_classes per class)")
-        self.cfg, self.device = cfg, device or select_device(s.device)
+        self.cfg, self.device = cfg, device or runtime.device(s.device, "sample.device", SampleError)
         self.net, self.weights = load_network(cfg, self.device)
         self.weights_sha256 = manifest.file_hash(self.weights)
         self.decode = Decoder(cfg, self.device)
         self.shape = (d.channels, d.input_size, d.input_size)
 
+    def guidance(self, nfe: int) -> dict:
+        """sample.guidance for this NFE (its own entry, else "all"); {} = unguided."""
+        g = self.cfg.sample.guidance or {}
+        return dict(g.get(str(nfe), g.get("all", {})))
+
     def plan(self, nfe: int, times) -> dict:
         c = self.cfg
-        return {"run_id": c.run_id, "nfe": nfe, "times": times, "n": c.sample.n, "num_classes": c.data.num_classes,
-                "seed": c.sample.seed, "labels": c.sample.labels if c.data.num_classes else None, "shard_size": c.sample.shard_size, "batch": c.sample.batch,
+        extra = {"guidance": g} if (g := self.guidance(nfe)) else {}   # absent when unguided: plans stay as they were
+        return {**extra, "run_id": c.run_id, "nfe": nfe, "times": times, "n": c.sample.n, "num_classes": c.data.num_classes,
+                "seed": c.sample.seed, "labels": c.sample.labels if c.data.num_classes else None,
+                "shard_size": c.sample.shard_size, "batch": c.sample.batch,
                 "shape": list(self.shape), "weights_sha256": self.weights_sha256, "vae": self.decode.info,
                 "latent_scale": c.data.latent_scale if self.decode.vae is not None else None}
 
@@ -215,11 +188,11 @@ class Sampler:
         y = labels(idx, self.cfg.data.num_classes, self.cfg.sample.labels, self.cfg.sample.seed)
         e = noise(self.cfg.sample.seed, idx, self.shape).to(self.device)
         yt = torch.from_numpy(y).to(self.device) if y is not None else None
-        x = self.decode(sample(self.net, e, yt, times=times))
+        x = self.decode(sample(self.net, e, yt, times=times, **self.guidance(len(times) - 1)))
         return x.cpu().numpy(), y
 
-    def shard(self, out: Path, k: int, lo: int, hi: int, times, bar=None) -> None:
-        t0, xs, ys = time.perf_counter(), [], []
+    def shard(self, shards: Shards, k: int, times, bar=None) -> None:
+        (lo, hi), t0, xs, ys = shards.ranges[k], time.perf_counter(), [], []
         for b in range(lo, hi, self.cfg.sample.batch):
             x, y = self.batch(b, min(b + self.cfg.sample.batch, hi), times)
             xs.append(x)
@@ -229,62 +202,45 @@ class Sampler:
         arrays = {"arr_0": np.concatenate(xs)}
         if ys[0] is not None:
             arrays["arr_1"] = np.concatenate(ys)
-        save_npz(out / SHARD.format(k), arrays)
-        manifest.write_json(out / DONE.format(k), {
-            "shard": k, "file": SHARD.format(k), "start": lo, "count": hi - lo,
-            "sha256": manifest.file_hash(out / SHARD.format(k)), "device": str(self.device),
-            "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - t0, 3)})
+        save_npz(shards.file(k), arrays)
+        shards.mark(k, start=lo, count=hi - lo, sha256=shards.sha256(k), device=str(self.device),
+                    threads=torch.get_num_threads(), seconds=round(time.perf_counter() - t0, 3))
 
     def run(self, nfe: int, times, worker: int = 0, workers: int = 1, progress: bool = True) -> Path | None:
         from tqdm import tqdm
         s, out = self.cfg.sample, sample_dir(self.cfg, nfe)
-        if (out / MANIFEST).exists():
-            log.info("%s exists: samples already made", out / MANIFEST)
+        shards = Shards(out, s.n, s.shard_size, SHARD, SampleError)
+        # every call: the plan (n, seed, weights, ...) must be the one the shards were made with,
+        # and every shard must still have its recorded hash; a manifest alone proves nothing
+        shards.start(self.plan(nfe, times), "other weights or settings")
+        shards.check()
+        if (out / MANIFEST).exists() and shards.complete():
+            log.info("%s: samples already made (plan and all %d shards verified)", out / MANIFEST, len(shards.ranges))
             return out / MANIFEST
-        manifest.check_plan(out / PLAN, self.plan(nfe, times), SampleError, "other weights or settings")
-        ranges = _ranges(s.n, s.shard_size)
-        mine = [k for k in range(worker, len(ranges), workers) if not _done(out, k)]
-        for k in mine:  # leftovers of a killed run
-            for t in out.glob(f".{SHARD.format(k)}.*.tmp"):
-                t.unlink(missing_ok=True)
-        total = sum(ranges[k][1] - ranges[k][0] for k in mine)
+        mine = shards.todo(worker, workers)
+        total = sum(shards.ranges[k][1] - shards.ranges[k][0] for k in mine)
         with tqdm(total=total, unit="img", desc=f"sample nfe={nfe}", disable=not (progress and total and main_rank()),
                   mininterval=1 if sys.stderr.isatty() else 30, smoothing=0.1) as bar:
             for k in mine:
-                self.shard(out, k, *ranges[k], times, bar)
-        if all(_done(out, k) for k in range(len(ranges))):
+                self.shard(shards, k, times, bar)
+        if shards.complete():
             return finish(self.cfg, nfe)
         log.info("worker %d of %d done with nfe=%d; the last worker to finish writes %s", worker, workers, nfe, MANIFEST)
         return None
 
 
-def read_shards(out: Path, complete: bool = True):
-    """(shard json, path) of the done shards in order; with complete, fail on a missing one."""
-    plan = json.loads((out / PLAN).read_text())
-    ranges = _ranges(plan["n"], plan["shard_size"])
-    missing = [k for k in range(len(ranges)) if not _done(out, k)]
-    if complete and missing:
-        raise SampleError(f"{out}: {len(missing)} of {len(ranges)} shards not done (first: {missing[:5]}); "
-                          "run the missing sample workers")
-    return plan, [(json.loads((out / DONE.format(k)).read_text()), out / SHARD.format(k))
-                  for k in range(len(ranges)) if k not in missing]
-
-
-def samples_sha256(shard_hashes) -> str:
-    """One hash of a sample set: sha256 over its shards' sha256s, in order."""
-    return hashlib.sha256("\n".join(shard_hashes).encode()).hexdigest()
-
-
 def grid_png(path: Path, imgs: np.ndarray, cols: int) -> Path:
-    """uint8 N x H x W x C -> one PNG, `cols` per row (a row per class sweep), 1-pixel grey gaps;
-    small images upscaled."""
+    """uint8 N x H x W x C -> one PNG, `cols` per row (a row per class sweep), 1-pixel grey gaps
+    (torchvision's make_grid); small images upscaled."""
     from PIL import Image
+    from torchvision.utils import make_grid
     n, h, w, c = imgs.shape
-    rows = math.ceil(n / cols)
-    canvas = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, c), 128, np.uint8)
-    for i, im in enumerate(imgs):
-        r, q = divmod(i, cols)
-        canvas[1 + r * (h + 1):(r + 1) * (h + 1), 1 + q * (w + 1):(q + 1) * (w + 1)] = im
+    x = torch.from_numpy(np.ascontiguousarray(imgs)).permute(0, 3, 1, 2)
+    if n == 1:  # make_grid returns a single image unpadded; a second blank one keeps the frame
+        x, cols = torch.cat([x, torch.full_like(x, 128)]), 1
+    canvas = make_grid(x, nrow=cols, padding=1, pad_value=128)[:c].permute(1, 2, 0).numpy()  # 1 channel: 3 equal ones
+    if n == 1:
+        canvas = canvas[:h + 2]
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     if h < 32:  # 8x8 digits: nearest upscaling keeps the pixels visible
         img = img.resize((img.width * (32 // h), img.height * (32 // h)), Image.NEAREST)
@@ -297,7 +253,8 @@ def grid_png(path: Path, imgs: np.ndarray, cols: int) -> Path:
 def finish(cfg, nfe: int) -> Path:
     """Check every shard, write grid.png and manifest.json (hashes of the shards and of the set)."""
     out = sample_dir(cfg, nfe)
-    plan, shards = read_shards(out)
+    sh = shards_of(out)
+    plan, shards = sh.plan, sh.read(stage="sample")
     g = min(cfg.sample.grid, plan["n"])
     if g:
         imgs = []
@@ -313,24 +270,20 @@ def finish(cfg, nfe: int) -> Path:
                           n=plan["n"], num_classes=plan["num_classes"],
                           per_class=plan["n"] // plan["num_classes"] if plan.get("labels") == "balanced" else None,
                           labels=LABEL_RULES.get(plan.get("labels")), label_mode=plan.get("labels"),
-                          noise="randn from torch.Generator().manual_seed(sha256('meanflow-sample/{seed}/{i}')[:8] >> 1) on CPU",
+                          noise="randn from torch.Generator().manual_seed(sha256(repr((seed, 'sample', i)))[:8] >> 1) on CPU",
                           layout="ADM: arr_0 N x H x W x C uint8 = clip(round((x + 1) * 127.5), 0, 255), arr_1 labels",
                           weights={"path": str(weights_path(cfg)), "sha256": plan["weights_sha256"]},
-                          vae=plan["vae"], plan=plan, shards=files, sha256=samples_sha256(f["sha256"] for f in files),
+                          vae=plan["vae"], plan=plan, shards=files, sha256=digest(f["sha256"] for f in files),
                           grid=GRID if g else None)
     return manifest.write_json(out / MANIFEST, body)
 
 
 def generate(cfg, nfes=None, shard: int = 0, num_shards: int = 1, progress: bool = True) -> list[Path]:
     """The sample stage for every NFE of sample.nfe (or `nfes`); returns the manifests written."""
-    worker, workers = worker_of(shard, num_shards)
-    todo = {k: t for k, t in schedules(cfg, nfes).items() if not (sample_dir(cfg, k) / MANIFEST).exists()}
-    if not todo:
-        log.info("samples of run %s already made", cfg.run_id)
-        return [sample_dir(cfg, k) / MANIFEST for k in schedules(cfg, nfes)]
-    sampler = Sampler(cfg)
+    worker, workers = worker_of(shard, num_shards, SampleError)
+    sampler = Sampler(cfg)  # always: the plan each output is checked against holds the weights' hash
     out = []
-    for k, times in todo.items():
+    for k, times in schedules(cfg, nfes).items():
         m = sampler.run(k, times, worker, workers, progress)
         if m:
             out.append(m)

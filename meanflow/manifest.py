@@ -102,8 +102,11 @@ def write_json(path: str | Path, obj) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no temp file
     return path
 
 
@@ -113,7 +116,10 @@ def check_plan(path: str | Path, plan: dict, error: type[Exception], what: str) 
     `what` says what the plan pins down, e.g. "other inputs or settings"."""
     path = Path(path)
     if path.exists():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except ValueError as e:
+            raise error(f"{path}: damaged ({e}); delete {path.parent} to start over") from None
         diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
         if diff:
             raise error(f"{path}: this output was started with {what} ({', '.join(diff)}); "
@@ -125,7 +131,10 @@ def check_plan(path: str | Path, plan: dict, error: type[Exception], what: str) 
 def save_npy(path: str | Path, arr: np.ndarray) -> Path:
     path = Path(path)
     tmp = tmp_path(path)
-    with open(tmp, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

@@ -1,147 +1,87 @@
-"""The table-row map and the tables stage. `plan` turns params.yaml's `tables` section into rows
-(table, row, experiment, nfe, run_id) for one tier: the single list that Snakemake, dvc.yaml and
-the tables stage all read, so they cannot disagree. `build` writes results/<tier>/tables/*.{md,csv,tex}
-and results/<tier>/plots/*.png from the runs' metrics_nfe{k}.json and dvclive logs."""
+"""The tables stage: results/<tier>/tables/table_<t>.{md,csv,tex} (one pandas frame per table,
+written with to_csv / to_markdown / to_latex), plots/*.png and grids/ from the runs'
+metrics_nfe{k}.json, train manifests and dvclive logs, for the rows of the tier's plan.
+
+A row reads its R replicas (plan.py): .md/.tex show `mean ± std (n)` over the seeds, the .csv
+keeps each seed's value and each run's bootstrap interval; under each .md table an "Orderings"
+section tests the paper's orderings over seeds (metrics/uncertainty.py: one-sided Welch)."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+import shutil
 from pathlib import Path
 
-from meanflow import config
+from meanflow import config, layout
+from meanflow.plan import Plan
+
+# The tables' columns (compare.py reads the CSVs back by these names). OUR_FID is the mean over
+# seeds; the CSV adds the std, the seed count, per-seed values and bootstrap intervals (';'-joined,
+# in the order of RUN's run ids) and the metric's name.
+ROW, SETTING, PAPER_FID, OUR_FID, NFE, PAPER_EPOCHS, OUR_STEPS, RUN = (
+    "row", "setting", "paper FID", "our FID", "NFE", "paper epochs", "our steps", "run")
+OUR_STD, SEEDS, PER_SEED, BOOT, METRIC = "our FID std", "seeds", "our FID per seed", "bootstrap 95% per seed", "metric"
+COLUMNS = [ROW, SETTING, PAPER_FID, OUR_FID, NFE, PAPER_EPOCHS, OUR_STEPS, RUN]
+CSV_COLUMNS = [*COLUMNS, OUR_STD, SEEDS, PER_SEED, BOOT, METRIC]
+FID_COLUMNS = (PAPER_FID, OUR_FID)   # shown with two decimals in .md and .tex
+SEP = ";"
+
+# The orderings the paper's tables show, tested over seeds: (table, worse row, better row, claim).
+ORDERINGS = [
+    *(("1a", "ratio_0", r, "flow matching (0%) worse than MeanFlow at 1-NFE") for r in ("ratio_25", "ratio_50", "ratio_100")),
+    *(("1b", r, "tangent_v01", "the correct tangent (v, 0, 1) is best") for r in ("tangent_v00", "tangent_v10", "tangent_v11")),
+    *(("1f", "omega_1.0", r, "CFG helps (omega > 1 beats omega = 1)") for r in ("omega_1.5", "omega_2.0", "omega_3.0", "omega_5.0")),
+    ("2", "MF-XL/2", "MF-XL/2-2nfe", "2-NFE at most 1-NFE"),
+    *(("2", a, b, "larger at most smaller") for a, b in (("MF-B/2", "MF-M/2"), ("MF-M/2", "MF-L/2"), ("MF-L/2", "MF-XL/2"))),
+]
 
 
-@dataclass(frozen=True)
-class Row:
-    table: str
-    row: str
-    experiment: str
-    nfe: int
-    run_id: str
-    run_dir: str
-
-
-def experiment_name(row: str) -> str:
-    """A row's default experiment: its name with '.' written 'p' (DVC splits params keys on '.')."""
-    return row.replace(".", "p")
-
-
-def plan(params: dict, tier: str) -> list[Row]:
-    """Every table row the tier builds, resolved to its run (identical configs share a run_id)."""
-    t = params.get("tables") or {}
-    out, cache = [], {}
-    for table in t.get("tiers", {}).get(tier, []):
-        if table not in t.get("rows", {}):
-            raise config.ConfigError(f"params.yaml: tables.tiers.{tier} names table {table!r} not in tables.rows")
-        for item in t["rows"][table]:
-            item = {"row": item} if isinstance(item, str) else item
-            exp, nfe = item.get("experiment", experiment_name(item["row"])), int(item.get("nfe", 1))
-            if exp not in cache:
-                cache[exp] = config.resolve(params, tier, exp)
-            cfg = cache[exp]
-            out.append(Row(str(table), item["row"], exp, nfe, cfg.run_id, str(cfg.run_dir)))
-    return out
-
-
-def runs(params: dict, tier: str) -> dict[str, dict]:
-    """run_id -> {experiment (the first row's), run_dir, nfe (all the tier samples), hash}."""
+def _paper(paths) -> dict:
+    """(table, row) -> the published row, over every CSV (MeanFlow's, iMF's)."""
     out = {}
-    for r in plan(params, tier):
-        if r.run_id not in out:
-            cfg = config.resolve(params, tier, r.experiment)
-            out[r.run_id] = {"experiment": r.experiment, "run_dir": r.run_dir, "nfe": list(cfg.sample.nfe),
-                             "hash": cfg.params_hash}
+    for path in paths:
+        with open(path) as f:
+            out.update({(r["table"], r["row"]): r for r in csv.DictReader(f)})
     return out
 
 
-# Source files each stage runs: Snakemake inputs and DVC deps (a code change reruns what it affects).
-# manifest.py is in each: it writes every manifest and does the atomic writes.
-CODE = {
-    "acquire": ["stages/acquire.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/config.py", "meanflow/data/*.py"],
-    "encode": ["stages/encode.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/data/*.py"],
-    "refstats": ["stages/refstats.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/data/reference.py"],
-    "features": ["stages/features.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/metrics/*.py"],
-    "train": ["stages/train.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/training.py", "meanflow/objective.py", "meanflow/models/*.py",
-              "meanflow/data/augment.py", "meanflow/lr.py"],
-    "sample": ["stages/sample.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/generate.py", "meanflow/sampling.py", "meanflow/models/*.py"],
-    "fid": ["stages/fid.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/metrics/*.py"],
-    "tables": ["stages/tables.py", "stages/__init__.py", "meanflow/manifest.py", "meanflow/tables.py"],
-}
+def _metrics(run: layout.RunPaths, nfe: int) -> dict | None:
+    p = run.metrics(nfe)
+    return json.loads(p.read_text()) if p.exists() else None
 
 
-LAUNCHED = ("train", "sample")   # started through meanflow.launch (torchrun with one worker per GPU)
+def _fid(run: layout.RunPaths, nfe: int):
+    m = _metrics(run, nfe)
+    return None if m is None else m.get("value", m.get("fid"))   # value: FID, or fd_digits on the tiny tier
 
 
-def resources(tier: str) -> dict[str, dict]:
-    """Cluster resources of the GPU stages (Snakemake rules; the tiny tier is CPU-only)."""
-    gpu = tier != "tiny"
-    hours = {"train": 48, "sample": 6, "fid": 2}
-    return {s: dict(gpu=int(gpu), cpus_per_gpu=8 if gpu else 0, runtime=h * 60 if gpu else 30,
-                    mem_mb=(64000 if s == "train" else 32000) if gpu else 2000) for s, h in hours.items()}
+def seeds(row) -> tuple[list, list, str | None]:
+    """A row's per-replica values (None where missing), bootstrap intervals and metric name."""
+    ms = [_metrics(p, row.nfe) for p in row.replica_paths]
+    vals = [None if m is None else m.get("value", m.get("fid")) for m in ms]
+    boot = [((m or {}).get("bootstrap") or {}).get("ci95") for m in ms]
+    return vals, boot, next((m.get("metric") for m in ms if m and m.get("metric")), None)
 
 
-def launcher(stage: str, tier: str) -> str:
-    """The stage's launcher prefix on one machine (DVC's commands; Snakemake's for default resources)."""
-    from meanflow import launch
-    return launch.command(resources(tier)[stage]["gpu"]) if stage in LAUNCHED else "python"
+def cell(mean, std, n) -> str:
+    """`mean ± std (n)`; one seed: `mean (1)`; none: empty."""
+    if not n:
+        return ""
+    return f"{mean:.2f} ± {std:.2f} ({n})" if std is not None else f"{mean:.2f} ({n})"
 
 
-def code(stage: str) -> list[str]:
-    """The stage's existing source files, relative to the repository root."""
-    import glob
-    return sorted({f for g in CODE[stage] for f in glob.glob(g, root_dir=config.ROOT)})
-
-
-def data_hash(params: dict, tier: str) -> str:
-    raw = config.resolve(params, tier).raw["data"]
-    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def fid_reference(params: dict, tier: str) -> str:
-    """What the fid stage compares against: ADM/Inception refstats, or on sample.features = digits
-    (tiny) the digits feature net (its reference statistics are derived from it by the fid stage)."""
-    digits = config.resolve(params, tier).raw["sample"].get("features") == "digits"
-    return f"data/{tier}/feature_net.safetensors" if digits else f"data/{tier}/refstats.npz"
-
-
-def plan_hash(params: dict, tier: str) -> str:
-    """Changes when the row map or the paper file name changes (the tables rule's params trigger)."""
-    key = [asdict(r) for r in plan(params, tier)], (params.get("tables") or {}).get("paper")
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-
-
-# --------------------------------------------------------------------------- building tables
-def _paper(path: Path) -> dict:
-    with open(path) as f:
-        return {(r["table"], r["row"]): r for r in csv.DictReader(f)}
-
-
-def _fid(run_dir: str, nfe: int):
-    p = Path(run_dir) / f"metrics_nfe{nfe}.json"
-    if not p.exists():
-        return None
-    m = json.loads(p.read_text())
-    return m.get("value", m.get("fid"))   # value: FID, or fd_digits on the tiny tier
-
-
-def _steps(run_dir: str):
-    p = Path(run_dir) / "train_manifest.json"
-    if p.exists():
-        m = json.loads(p.read_text())
+def _steps(run: layout.RunPaths):
+    if run.train_manifest.exists():
+        m = json.loads(run.train_manifest.read_text())
         return m.get("steps", m.get("step"))
     return None
 
 
-def _notes(recs, rows) -> list[str]:
-    """The table's notes: how the samples were labelled (sample.labels, from each metrics file)."""
-    modes = set()
-    for r in rows:
-        p = Path(r.run_dir) / f"metrics_nfe{r.nfe}.json"
-        if r.run_id in {x["run"] for x in recs} and p.exists():
-            modes.add(json.loads(p.read_text()).get("sample_labels") or "unconditional")
+def notes(plan: Plan, table: str) -> list[str]:
+    """The table's note line: how the samples were labelled (sample.labels, from each metrics file)."""
+    modes = {(m.get("sample_labels") or "unconditional") for r in plan.rows if r.table == table
+             for m in (_metrics(p, r.nfe) for p in r.replica_paths) if m is not None}
     return ["", f"Sample labels: {', '.join(sorted(modes))} (sample.labels)."] if modes else []
 
 
@@ -149,55 +89,59 @@ def _fmt(x):
     return "" if x is None or x == "" else (f"{float(x):.2f}" if isinstance(x, (int, float)) or str(x).replace(".", "", 1).isdigit() else str(x))
 
 
-def build(params: dict, tier: str, out: str | Path = "results") -> Path:
-    rows = plan(params, tier)
-    root = Path(out) / tier
-    (root / "tables").mkdir(parents=True, exist_ok=True)
-    (root / "plots").mkdir(parents=True, exist_ok=True)
-    paper = _paper(config.ROOT / (params.get("tables") or {}).get("paper", "reference/paper_results.csv"))
-    cols = ["row", "setting", "paper FID", "our FID", "NFE", "paper epochs", "our steps", "run"]
-    by_table: dict[str, list[dict]] = {}
-    for r in rows:
+def frame(plan: Plan, table: str, paper: dict):
+    """One table's rows as a DataFrame of Python objects (so 3 stays "3" and a missing FID empty)."""
+    import pandas as pd
+    from meanflow.metrics.uncertainty import summary
+    recs = []
+    for r in (r for r in plan.rows if r.table == table):
         p = paper.get((r.table, r.row), {})
-        steps = _steps(r.run_dir) or config.resolve(params, tier, r.experiment).train.steps
-        by_table.setdefault(r.table, []).append(
-            {"row": r.row, "setting": p.get("setting", r.experiment), "paper FID": p.get("fid", ""),
-             "our FID": _fid(r.run_dir, r.nfe), "NFE": r.nfe, "paper epochs": p.get("epochs", ""),
-             "our steps": steps, "run": r.run_id})
-    for table, recs in by_table.items():
-        base = root / "tables" / f"table_{table}"
-        with open(f"{base}.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, cols)
-            w.writeheader()
-            w.writerows(recs)
-        md = [f"# Table {table} ({tier} tier)", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        md += ["| " + " | ".join(_fmt(x[c]) if c in ("paper FID", "our FID") else str(x[c]) for c in cols) + " |" for x in recs]
-        md += _notes(recs, rows)
-        Path(f"{base}.md").write_text("\n".join(md) + "\n")
-        tex = ["\\begin{tabular}{l" + "r" * (len(cols) - 1) + "}", "\\toprule",
-               " & ".join(cols) + " \\\\", "\\midrule"]
-        tex += [" & ".join(_tex(_fmt(x[c]) if c in ("paper FID", "our FID") else str(x[c])) for c in cols) + " \\\\" for x in recs]
-        tex += ["\\bottomrule", "\\end{tabular}"]
-        Path(f"{base}.tex").write_text("\n".join(tex) + "\n")
-    _plots(params, tier, rows, root / "plots")
-    _grids(rows, root / "grids")
-    from meanflow import manifest   # here: the Snakefile imports this module, and manifest imports torch
-    inputs = {str(p): manifest.file_hash(p) for r in rows
-              if (p := Path(r.run_dir) / f"metrics_nfe{r.nfe}.json").exists()}
-    manifest.write_json(root / "tables" / "manifest.json",
-                        manifest.stamp(tier=tier, plan_hash=plan_hash(params, tier), inputs=inputs))
-    return root
+        vals, boot, metric = seeds(r)
+        s = summary(vals)
+        recs.append({ROW: r.row, SETTING: p.get("setting", r.experiment), PAPER_FID: p.get("fid", ""),
+                     OUR_FID: s["mean"], NFE: r.nfe, PAPER_EPOCHS: p.get("epochs", ""),
+                     OUR_STEPS: _steps(r.paths) or r.cfg.train.steps, RUN: SEP.join(r.run_ids),
+                     OUR_STD: s["std"], SEEDS: s["n"], PER_SEED: SEP.join("" if v is None else repr(v) for v in vals),
+                     BOOT: SEP.join("" if b is None else f"{b[0]:.4f}..{b[1]:.4f}" for b in boot), METRIC: metric or ""})
+    return pd.DataFrame(recs, columns=CSV_COLUMNS, dtype=object)
 
 
-def _grids(rows, out: Path):
-    """Each row's sample grid (samples_nfe{k}/grid.png of its run) as grids/table_<t>_<row>.png."""
-    import shutil
-    out.mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        src = Path(r.run_dir) / f"samples_nfe{r.nfe}" / "grid.png"
-        if src.exists():
-            name = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"table_{r.table}_{r.row}")
-            shutil.copyfile(src, out / f"{name}.png")
+def orderings(df, table: str) -> list[str]:
+    """The paper's orderings of this table that our rows can test: a Markdown section (empty if none)."""
+    from meanflow.metrics.uncertainty import ALPHA, ordering
+    vals = {r[ROW]: [float(v) for v in str(r[PER_SEED]).split(SEP) if v] for _, r in df.iterrows()}
+    tests = [o for o in ORDERINGS if o[0] == table and o[1] in vals and o[2] in vals]
+    if not tests:
+        return []
+    out = ["", "## Orderings", "",
+           f"One-sided Welch's t-test over seeds (rows may differ in variance; with 3 seeds a bootstrap over seeds "
+           f"has too few distinct resamples): `holds` p < {ALPHA}, `reversed` when the opposite test rejects, else "
+           "`not significant`. Lower is better.", "",
+           "| paper's ordering | worse | better | means | p | verdict |", "|---|---|---|---|---|---|"]
+    for _, worse, better, claim in tests:
+        o = ordering(vals[worse], vals[better])
+        m = [f"{sum(v) / len(v):.2f}" if v else "—" for v in (vals[worse], vals[better])]
+        pv = "—" if o["p"] is None else f"{o['p']:.3g}"
+        out.append(f"| {claim} | {worse} | {better} | {m[0]} > {m[1]}? | {pv} | {o['verdict']} |")
+    return out
+
+
+def write(df, base: Path, title: str, table: str | None = None, note: list[str] = ()) -> None:
+    """base.csv (values as recorded, per seed), base.md and base.tex (`mean ± std (n)`); in .md the
+    `note` lines under the table, then the orderings."""
+    df.to_csv(f"{base}.csv", index=False, lineterminator="\r\n")   # csv.DictWriter's bytes
+    shown = df.astype(object).where(df.notna(), None)
+    ours = [cell(m, s, n) for m, s, n in zip(shown[OUR_FID], shown[OUR_STD], shown[SEEDS])]
+    shown = shown[COLUMNS].apply(lambda c: c.map(_fmt) if c.name in FID_COLUMNS else c.map(str))
+    shown[OUR_FID] = ours
+    shown[RUN] = [r.split(SEP)[0] + (f" +{r.count(SEP)}" if SEP in r else "") for r in shown[RUN]]
+    md = shown.to_markdown(index=False, tablefmt="pipe", stralign=None, numalign=None, disable_numparse=True)
+    head, rule, *body = md.splitlines()
+    rule = re.sub(r"-+", "---", rule)   # tabulate pads the rule to the column widths; ours stays short
+    Path(f"{base}.md").write_text("\n".join([f"# {title}", "", head, rule, *body, *note, *orderings(df, table)]) + "\n")
+    # our escaper, not pandas' escape="latex": that writes "~" as \textasciitilde, changing the tables' bytes
+    tex = shown.style.hide(axis="index").format(_tex).format_index(_tex, axis=1)
+    Path(f"{base}.tex").write_text(tex.to_latex(hrules=True, column_format="l" + "r" * (len(shown.columns) - 1)))
 
 
 def _tex(s: str) -> str:
@@ -206,51 +150,101 @@ def _tex(s: str) -> str:
     return s
 
 
-def _plots(params, tier, rows, out: Path):
+def build(params: dict, tier: str, out: str | Path = "results", tables: list[str] | None = None) -> Path:
+    """The tier's tables, plots, grids and manifest; `tables`: those tables instead (their plots,
+    grids and manifest go beside the tier's: layout.ResultPaths)."""
+    plan = Plan(params, tier, tables=tables)
+    res = layout.results(tier, out, plan.subset)
+    for d in (res.tables, res.plots):
+        d.mkdir(parents=True, exist_ok=True)
+    paper = _paper(config.ROOT / p for p in plan.paper)
+    for table in dict.fromkeys(r.table for r in plan.rows):
+        write(frame(plan, table, paper), res.tables / f"table_{table}", f"Table {table} ({tier} tier)", table,
+              notes(plan, table))
+    _plots(plan, res)
+    _grids(plan.rows, res.grids)
+    from meanflow import manifest   # here: manifest imports torch
+    inputs = {str(p): manifest.file_hash(p) for r in plan.rows for rp in r.replica_paths if (p := rp.metrics(r.nfe)).exists()}
+    manifest.write_json(res.manifest, manifest.stamp(tier=tier, plan_hash=plan.hash(), inputs=inputs))
+    _fid_summary(plan, res)
+    return res.root
+
+
+def _fid_summary(plan: Plan, res: layout.ResultPaths):
+    """fid.json ({table: {row: FID}}, rows without metrics left out) and fid.csv: only the numbers,
+    so `dvc metrics show` / `dvc exp show` list FIDs, not environments and hashes."""
+    import pandas as pd
+    from meanflow import manifest
+    vals = []
+    for r in plan.rows:   # the mean over the row's seeds, as in the tables
+        got = [v for v in seeds(r)[0] if v is not None]
+        vals.append((r.table, r.row, sum(got) / len(got) if got else None))
+    summary: dict = {}
+    for t, row, v in vals:
+        if v is not None:
+            summary.setdefault(t, {})[row] = v
+    manifest.write_json(res.fid_json, summary)
+    tmp = manifest.tmp_path(res.fid_csv)
+    pd.DataFrame([{"table": t, "row": row, "label": f"{t} {row}", "fid": v} for t, row, v in vals if v is not None],
+                 columns=["table", "row", "label", "fid"]).to_csv(tmp, index=False)
+    tmp.replace(res.fid_csv)
+
+
+def _grids(rows, out: Path):
+    """Each row's sample grid (samples_nfe{k}/grid.png of its run) as grids/table_<t>_<row>.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        src = r.paths.samples(r.nfe) / layout.GRID
+        if src.exists():
+            name = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"table_{r.table}_{r.row}")
+            shutil.copyfile(src, out / f"{name}.png")
+
+
+def _plots(plan: Plan, res: layout.ResultPaths):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    tier = plan.tier
 
-    # FID against NFE, one line per run
+    # FID against NFE, one line per experiment: mean over seeds, error bars one std
+    from meanflow.metrics.uncertainty import summary
     fig, ax = plt.subplots(figsize=(5, 4))
-    seen = {}
-    for r in rows:
-        seen.setdefault(r.run_id, r)
-    for rid, r in seen.items():
-        nfes = list(config.resolve(params, tier, r.experiment).sample.nfe)
-        fids = [_fid(r.run_dir, k) for k in nfes]
-        if any(f is not None for f in fids):
-            ax.plot(nfes, [f if f is not None else float("nan") for f in fids], marker="o", label=r.experiment)
+    for r in {r.experiment: r for r in plan.rows}.values():
+        st = [summary([_fid(p, k) for p in r.replica_paths]) for k in r.cfg.sample.nfe]
+        if any(x["n"] for x in st):
+            ax.errorbar(list(r.cfg.sample.nfe), [x["mean"] if x["n"] else float("nan") for x in st],
+                        yerr=[x["std"] or 0.0 for x in st], marker="o", capsize=2, label=r.experiment)
     ax.set(xlabel="NFE", ylabel="FID", title=f"FID vs NFE ({tier})")
     if ax.lines:
         ax.legend(fontsize=5, ncol=2)
-    fig.tight_layout(); fig.savefig(out / "fid_vs_nfe.png", dpi=120); plt.close(fig)
+    fig.tight_layout(); fig.savefig(res.plot("fid_vs_nfe"), dpi=120); plt.close(fig)
 
     # FID against model size (Table 2 rows at 1 NFE)
     fig, ax = plt.subplots(figsize=(5, 4))
     pts = []
-    for r in rows:
+    for r in plan.rows:
         if r.table == "2" and r.nfe == 1:
-            m = config.resolve(params, tier, r.experiment).model
-            size = (m.depth or 0) * (m.hidden or 0) ** 2 if m.name == "custom" else r.experiment
-            pts.append((str(size) if not isinstance(size, str) else size, _fid(r.run_dir, 1)))
+            m = r.cfg.model
+            size = str((m.depth or 0) * (m.hidden or 0) ** 2) if m.name == "custom" else r.experiment
+            pts.append((size, summary([_fid(p, 1) for p in r.replica_paths])))
     if pts:
-        ax.plot([p[0] for p in pts], [p[1] if p[1] is not None else float("nan") for p in pts], marker="o")
+        ax.errorbar([p[0] for p in pts], [p[1]["mean"] if p[1]["n"] else float("nan") for p in pts],
+                    yerr=[p[1]["std"] or 0.0 for p in pts], marker="o", capsize=2)
     ax.set(xlabel="model (depth x hidden^2 on tiny)", ylabel="FID @1 NFE", title=f"FID vs model size ({tier})")
-    fig.tight_layout(); fig.savefig(out / "fid_vs_size.png", dpi=120); plt.close(fig)
+    fig.tight_layout(); fig.savefig(res.plot("fid_vs_size"), dpi=120); plt.close(fig)
 
     # training curves from dvclive (plots/metrics/*.tsv)
     fig, ax = plt.subplots(figsize=(5, 4))
-    for rid, r in seen.items():
-        tsvs = sorted((Path(r.run_dir) / "dvclive" / "plots" / "metrics").rglob("*.tsv"))
+    for run in (r for r in plan.runs.values() if r.replicate == 0):   # seed 0 only: one curve per run config
+        tsvs = sorted((layout.run(run.cfg).live_plots / "metrics").rglob("*.tsv"))
         tsv = next((t for t in tsvs if "loss" in t.stem), None)
         if tsv:
             with open(tsv) as f:
                 rec = list(csv.DictReader(f, delimiter="\t"))
             if rec:
                 k = [c for c in rec[0] if c not in ("step", "timestamp")][0]
-                ax.plot([float(x["step"]) for x in rec], [float(x[k]) for x in rec], lw=0.7, label=r.experiment)
+                ax.plot([float(x["step"]) for x in rec], [float(x[k]) for x in rec], lw=0.7, label=run.experiment)
     ax.set(xlabel="step", ylabel="loss", title=f"training curves ({tier})", yscale="log" if ax.lines else "linear")
     if ax.lines:
         ax.legend(fontsize=5, ncol=2)
-    fig.tight_layout(); fig.savefig(out / "training_curves.png", dpi=120); plt.close(fig)
+    fig.tight_layout(); fig.savefig(res.plot("training_curves"), dpi=120); plt.close(fig)

@@ -12,7 +12,7 @@ from . import config
 from .models import build_model
 from .objective import MeanFlow
 from .sampling import sample
-from .training import EMA, make_optimizer, train_step
+from .training import EMA, make_optimizer, step
 
 TOY = {
     "data": {"dataset": "toy2d", "channels": 2, "input_size": 1, "num_classes": 0},
@@ -52,8 +52,7 @@ def train_toy(cfg: config.Config, progress: bool = False):
     net = build_model(cfg)
     opt, ema, objective = make_optimizer(net, cfg.train), EMA(net, cfg.train.ema), MeanFlow(cfg.meanflow)
     for _ in tqdm(range(cfg.train.steps), disable=not progress, desc=f"toy ratio={cfg.meanflow.ratio}"):
-        train_step(objective, net, opt, checkerboard(cfg.train.batch, g), generator=g)
-        ema.update(net)
+        step(objective, net, opt, checkerboard(cfg.train.batch, g), ema=ema, generator=g)
     return ema.net
 
 

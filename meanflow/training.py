@@ -1,21 +1,17 @@
-"""Training: device and precision choice, the optimiser, EMA, one optimisation step, and the train
-stage's loop `train(cfg)`: distributed, checkpointed, resumable, pre-emptible, logged.
+"""The train stage's loop: `train(cfg)` trains one run, resumable, pre-emptible, logged, and
+`step` is the one optimisation step (the stage, the toy demo and bench/train_step.py run it).
 
-Reproducibility. Every draw of step k comes from a generator seeded from (train.seed, purpose, k),
-never from a generator carried across steps, so a run resumed from a checkpoint draws exactly what
-an uninterrupted run draws (bitwise equal weights on CPU). Draws are made for the global batch and
-each rank keeps its rows, so W processes on B/W rows each equal one process on B rows up to float
-summation order. Exception: the torch global RNG that networks use inside (dropout) is re-seeded
-per (step, rank), so its masks do depend on the world size.
+Reproducibility. Every draw of step k comes from a generator seeded from (train.seed, purpose, k)
+(runtime.seed_of), never from a generator carried across steps, so a run resumed from a checkpoint
+draws exactly what an uninterrupted run draws (bitwise equal weights on CPU). Draws are made for
+the global batch and each rank keeps its rows, so W processes on B/W rows each equal one process
+on B rows up to float summation order. Exception: the torch global RNG that networks use inside
+(dropout) is re-seeded per (step, rank), so its masks do depend on the world size. Gradients are
+averaged across ranks by distributed.py; checkpoints are checkpoint.py's. The learning rate of
+step k is lr.lr_at(k) (train.warmup_steps), set by the loop before the step.
 
-Distributed. Under torchrun (WORLD_SIZE > 1) the process group comes from the environment (NCCL on
-GPU, gloo on CPU). No DDP wrapper: the jvp runs through the bare module, which DDP's reducer does
-not see, so gradients live in one flat buffer per dtype and are all-reduced and averaged by hand
-after backward (as DDP would).
-
-Run directory (cfg.run_dir): checkpoints/step-NNNNNNNN/{model,ema}.safetensors + state.pt
-(optimizer, RNG, step; loaded with weights_only=True), written to a temp dir then renamed, the last
-train.keep_ckpts kept; dvclive/ metrics; at the end only, ema.safetensors and train_manifest.json.
+Run directory (layout.run(cfg)): checkpoints/, dvclive/ metrics; at the end only,
+ema.safetensors and train_manifest.json.
 
 Exit codes of the stage: 0 done, 1 error (config, data, non-finite loss), 75 pre-empted
 (EXIT_PREEMPTED: SIGTERM or SIGUSR1 -> checkpoint at the end of the current step; run the same
@@ -24,13 +20,9 @@ command again to resume, e.g. after a SLURM requeue).
 from __future__ import annotations
 
 import copy
-import functools
-import hashlib
-import json
+import dataclasses
 import logging
 import math
-import os
-import re
 import shutil
 import signal
 import sys
@@ -38,23 +30,23 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data.augment import augment as augment_images
+from . import layout
+from .batches import EpochSampler, Rows, load_rows
+from .checkpoint import CheckpointError, checkpoints, resume_latest, save_checkpoint, save_final_ema, tmp_leftovers
+from .distributed import Dist, GradAverager, init_distributed
 from .lr import lr_at, total_steps
+from .runtime import autocast, seed_of
 
 log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 75   # EX_TEMPFAIL: a checkpoint was written on SIGTERM/SIGUSR1; rerun to resume
-DATA_CHUNK = 16       # rows of the global batch that share one store generator (world-size independent)
-CKPT_DIR, FINAL_EMA, FINAL_MANIFEST = "checkpoints", "ema.safetensors", "train_manifest.json"
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C: a checkpoint was written; rerun to resume
 METRICS = ("loss", "loss_unweighted", "mse", "v_loss")
 
 
@@ -67,25 +59,15 @@ class NonFiniteLoss(TrainError):
 
 
 class Preempted(Exception):
-    """A stop signal arrived; the checkpoint of `step` is at `path`."""
+    """A stop signal arrived; the checkpoint of `step` is at `path`. `exit_code`: 130 for Ctrl-C
+    (SIGINT), else 75 (the stage CLI's guard exits with it)."""
 
-    def __init__(self, step: int, path: Path):
-        super().__init__(f"pre-empted: checkpoint of step {step} written to {path}; run again to resume")
+    def __init__(self, step: int, path: Path, signum: int | None = None):
+        interrupted = signum == signal.SIGINT
+        what = "interrupted" if interrupted else "pre-empted"
+        super().__init__(f"{what}: checkpoint of step {step} written to {path}; run again to resume")
         self.step, self.path = step, path
-
-
-def select_device(prefer: str | None = None) -> torch.device:
-    """CUDA when present (or as asked), else CPU."""
-    if prefer and prefer != "auto":
-        return torch.device(prefer)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on GPU (fp16 diverges in long MeanFlow runs); full fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+        self.exit_code = EXIT_INTERRUPTED if interrupted else EXIT_PREEMPTED
 
 
 def make_optimizer(net: nn.Module, train_cfg) -> torch.optim.Optimizer:
@@ -109,230 +91,52 @@ class EMA:
             b_ema.copy_(b)
 
 
-def train_step(objective, net, opt, x, y=None, generator=None, grad_net=None, device=None):
-    """One optimisation step; returns the LossOutput (loss detached)."""
-    device = device or x.device
-    opt.zero_grad(set_to_none=True)
-    with autocast(device):
-        out = objective(net, x, y, generator=generator, grad_net=grad_net)
+def step(objective, net, opt, x, y=None, *, ema=None, averager=None, grad_net=None, generator=None,
+         draws: dict | None = None, stop: bool = False, where: str = "") -> tuple[list[float], bool]:
+    """One optimisation step: forward (bf16 autocast on GPU), backward, gradients averaged over
+    ranks (`averager`), update, EMA. The objective draws (e, t, r, drop; iMF's omega, t_min,
+    t_max) from `generator` unless `draws` gives them. Returns the METRICS (global means) and the
+    global stop flag (any rank's `stop`): one host sync. A non-finite loss raises NonFiniteLoss before the update."""
+    if averager:
+        averager.zero()
+    else:
+        opt.zero_grad(set_to_none=True)
+    with autocast(x.device):
+        out = objective(net, x, y, generator=generator, grad_net=grad_net, **(draws or {}))
     out.loss.backward()
+    stats = torch.stack([getattr(out, m).detach().float() for m in METRICS])
+    if averager:
+        stats = torch.cat([stats, torch.tensor([float(stop)], device=stats.device)])
+        dist.all_reduce(stats)
+        averager.average()
+        *vals, stops = stats.tolist()
+        vals, stop = [v / averager.world for v in vals], stops > 0
+    else:
+        vals = stats.tolist()
+    if not all(math.isfinite(v) for v in vals):
+        raise NonFiniteLoss(f"non-finite loss{where}: loss = {vals[0]}, unweighted = {vals[1]}; stopped before the update")
     opt.step()
-    out.loss = out.loss.detach()
-    return out
-
-
-# --------------------------------------------------------------------------- seeds and batches
-def seed_of(*parts) -> int:
-    """A 63-bit seed from (run seed, purpose, step, ...): an independent stream per step."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
-
-
-def generator(device, *parts) -> torch.Generator:
-    return torch.Generator(device).manual_seed(seed_of(*parts))
-
-
-class EpochSampler:
-    """Store indices of the global batch of each step: sample positions step*B + j walk through
-    per-epoch permutations drawn from (seed, epoch), so every image is seen once per epoch."""
-
-    def __init__(self, n: int, seed: int):
-        if n == 0:
-            raise TrainError("the store is empty")
-        self.n, self.seed, self._perms = n, seed, {}
-
-    def perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) > 2:  # batches straddle at most two epochs
-                self._perms.pop(min(self._perms))
-            self._perms[epoch] = torch.randperm(self.n, generator=generator("cpu", self.seed, "epoch", epoch)).numpy()
-        return self._perms[epoch]
-
-    def indices(self, step: int, batch: int) -> np.ndarray:
-        pos = np.arange(step * batch, (step + 1) * batch, dtype=np.int64)
-        epoch, out = pos // self.n, np.empty(batch, np.int64)
-        for e in np.unique(epoch):
-            sel = epoch == e
-            out[sel] = self.perm(int(e))[pos[sel] % self.n]
-        return out
-
-
-@functools.cache
-def _spread(n: int) -> torch.Tensor:
-    """Fixed row order for the (t, r, drop) draws. The official layout puts the r = t and
-    label-dropped rows at the front of the batch; in this order every contiguous block (a rank's
-    slice) gets its share of them (golden-ratio sequence), so ranks do balanced jvp work."""
-    return torch.frac(torch.arange(n, dtype=torch.float64) * 0.6180339887498949).argsort().argsort()
-
-
-@dataclass
-class Rows:
-    """One rank's rows of a step's global batch, with the objective's draws for them."""
-    x: torch.Tensor
-    y: torch.Tensor | None
-    e: torch.Tensor
-    t: torch.Tensor
-    r: torch.Tensor
-    drop: torch.Tensor
-    aug: torch.Tensor | None = None   # EDM augmentation labels (data.augment > 0)
-
-
-def load_rows(store, sampler, objective, step: int, batch: int, rank: int, world: int, seed: int,
-              device, conditional: bool = True, augment: float = 0.0) -> Rows:
-    """Rows [rank*B/W, (rank+1)*B/W) of step `step`'s global batch. The store's draws (flip,
-    posterior noise) come from one generator per DATA_CHUNK rows of the global batch and the
-    objective's (t, r, noise, label drop) are drawn for the whole batch, so a row holds the same
-    values whatever the world size."""
-    lo, hi = rank * batch // world, (rank + 1) * batch // world
-    idx = sampler.indices(step, batch)
-    xs, ys, augs = [], [], []
-    for c in range(lo // DATA_CHUNK, -(-hi // DATA_CHUNK)):
-        a, b = c * DATA_CHUNK, min((c + 1) * DATA_CHUNK, batch)
-        x, y = store.batch(idx[a:b], generator(device, seed, "data", step, c))
-        if augment > 0:
-            x, aug = augment_images(x, augment, generator(device, seed, "augment", step, c))
-            augs.append(aug[max(lo, a) - a:min(hi, b) - a])
-        keep = slice(max(lo, a) - a, min(hi, b) - a)
-        xs.append(x[keep])
-        ys.append(y[keep])
-    g = generator(device, seed, "objective", step)
-    t, r = objective.sample_t_r(batch, g, device)
-    e = torch.randn((batch, *store.shape), generator=g, device=device)
-    drop = objective.sample_drop(batch, g, device)
-    order = _spread(batch).to(device)
-    return Rows(torch.cat(xs), torch.cat(ys) if conditional else None, e[lo:hi],
-                t[order][lo:hi], r[order][lo:hi], drop[order][lo:hi], torch.cat(augs) if augs else None)
-
-
-# --------------------------------------------------------------------------- distributed
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world > 1:
-            dist.barrier()
-
-
-def init_distributed(device: str = "auto") -> Dist:
-    """One process per device; a process group from the torchrun environment when WORLD_SIZE > 1."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    dev = select_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                device_id=dev if dev.type == "cuda" else None)
-        owns = True
-    return Dist(rank, world, dev, owns)
-
-
-class GradAverager:
-    """DDP's gradient averaging by hand: the parameters' grads are views of one flat buffer per
-    (dtype, device), all-reduced once after backward and divided by the world size."""
-
-    def __init__(self, params, world: int):
-        self.world, self.buffers, groups = world, [], {}
-        for p in params:
-            if p.requires_grad:
-                groups.setdefault((p.dtype, p.device), []).append(p)
-        for (dtype, dev), ps in groups.items():
-            buf = torch.zeros(sum(p.numel() for p in ps), dtype=dtype, device=dev)
-            o = 0
-            for p in ps:  # autograd accumulates in place into an existing .grad, so the views stay
-                p.grad = buf[o:o + p.numel()].view_as(p)
-                o += p.numel()
-            self.buffers.append(buf)
-
-    def zero(self):
-        for b in self.buffers:
-            b.zero_()
-
-    def average(self):
-        for b in self.buffers:
-            dist.all_reduce(b)
-            b.div_(self.world)
-
-
-# --------------------------------------------------------------------------- checkpoints
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, dir) of every complete checkpoint, oldest first (a dir exists only once complete)."""
-    out = []
-    for p in (Path(run_dir) / CKPT_DIR).glob("step-*"):
-        m = re.fullmatch(r"step-(\d+)", p.name)
-        if m and p.is_dir():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def _fsync(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(run_dir: Path, step: int, net: nn.Module, ema: EMA, opt, extra: dict, keep: int) -> Path:
-    """Write checkpoints/step-N atomically (temp dir, fsync, rename), then drop all but the last `keep`."""
-    from safetensors.torch import save_model
-    root = Path(run_dir) / CKPT_DIR
-    final = root / f"step-{step:08d}"
-    if final.exists():  # the same step again (deterministic, so the same content)
-        return final
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta = {"step": str(step)}
-    save_model(net, str(tmp / "model.safetensors"), meta)
-    save_model(ema.net, str(tmp / "ema.safetensors"), meta)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng, **extra}, tmp / "state.pt")
-    for f in tmp.iterdir():
-        _fsync(f)
-    os.replace(tmp, final)
-    _fsync(root)
-    for _, old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, net: nn.Module, ema: EMA, opt, device) -> dict:
-    """Restore weights, EMA, optimizer and RNG from a checkpoint dir; returns its state dict."""
-    from safetensors.torch import load_model
-    load_model(net, path / "model.safetensors", device=str(device))
-    load_model(ema.net, path / "ema.safetensors", device=str(device))
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    opt.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
-    torch.set_rng_state(state["rng"]["cpu"])
-    if "cuda" in state["rng"] and torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state
+    if ema is not None:
+        ema.update(net)
+    return vals, stop
 
 
 # --------------------------------------------------------------------------- signals and logging
 class _StopFlag:
-    """Set by SIGTERM / SIGUSR1 (SLURM pre-emption); the loop checks it after each step."""
+    """Set by SIGTERM / SIGUSR1 (SLURM pre-emption) or SIGINT (Ctrl-C); the loop checks it after
+    each step. A second Ctrl-C while the step finishes is the usual KeyboardInterrupt."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
-        self.requested, self._old = False, {}
+        self.requested, self.signum, self._old = False, None, {}
 
     def _handler(self, signum, frame):
-        self.requested = True
-        log.warning("received %s: checkpoint at the end of this step, then exit %d",
-                    signal.Signals(signum).name, EXIT_PREEMPTED)
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signum
+        log.warning("received %s: checkpoint at the end of this step, then exit %d", signal.Signals(signum).name,
+                    EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -345,18 +149,13 @@ class _StopFlag:
 
 
 def _open_live(directory: Path, step: int):
-    """DVCLive writing only its own files: Live() would otherwise look for a DVC repo (and `dvc
-    init` the enclosing git repo), post to Studio if configured and signal VS Code. Rows past
-    `step` (logged after the checkpoint a resumed run restarts from) are dropped."""
+    """DVCLive through its public options only: no DVC experiment (save_dvc_exp=False), no
+    dvc.yaml of its own (dvcyaml=None), no report, and nothing posted to Studio (DVC's documented
+    DVC_STUDIO_OFFLINE, unless the caller set it). Rows past `step` (logged after the checkpoint
+    a resumed run restarts from) are dropped."""
+    import os
     from dvclive import Live
-
-    class FilesOnlyLive(Live):
-        def _init_dvc(self):
-            self._dvc_file = "dvc.yaml"
-
-        def _init_studio(self):
-            self._studio_events_to_skip = {"start", "data", "done"}
-
+    os.environ.setdefault("DVC_STUDIO_OFFLINE", "true")
     if step == 0:
         shutil.rmtree(directory, ignore_errors=True)
     def keep(line):  # a complete row of a step up to the checkpoint's (a kill can cut the last row)
@@ -368,7 +167,7 @@ def _open_live(directory: Path, step: int):
         kept = lines[:1] + [ln for ln in lines[1:] if keep(ln)]
         if len(kept) != len(lines):
             tsv.write_text("".join(kept))
-    return FilesOnlyLive(dir=str(directory), resume=step > 0, save_dvc_exp=False, dvcyaml=None, report=None)
+    return Live(dir=str(directory), resume=step > 0, save_dvc_exp=False, dvcyaml=None, report=None)
 
 
 # --------------------------------------------------------------------------- the train stage
@@ -376,11 +175,12 @@ def train(cfg, progress: bool = True) -> Path:
     """Train cfg's run (cfg.run_dir) to cfg.train.steps, resuming from its latest checkpoint.
     Returns the train manifest path. Raises Preempted on SIGTERM/SIGUSR1 (after a checkpoint),
     NonFiniteLoss on a NaN/inf loss (no checkpoint written)."""
-    done = Path(cfg.run_dir) / FINAL_MANIFEST
-    if done.exists() and (Path(cfg.run_dir) / FINAL_EMA).exists():
+    rp = layout.run(cfg)
+    done = rp.train_manifest
+    if done.exists() and rp.ema.exists():
         log.info("%s exists: run %s already trained", done, cfg.run_id)
         return done
-    env = init_distributed(cfg.train.device)
+    env = init_distributed(cfg.train.device, TrainError)
     try:
         return Trainer(cfg, env, progress).run()
     finally:
@@ -390,15 +190,16 @@ def train(cfg, progress: bool = True) -> Path:
 
 class Trainer:
     def __init__(self, cfg, env: Dist, progress: bool = True):
-        from .data import Store, paths
+        from .data import Store
         from .models import build_model
-        from .objective import MeanFlow
+        from .imf import build_objective
         self.cfg, self.env, self.progress, tc = cfg, env, progress, cfg.train
-        self.run_dir, self.device = Path(cfg.run_dir), env.device
+        self.paths, self.device = layout.run(cfg), env.device
+        self.run_dir = self.paths.root
         if tc.batch % env.world:
             raise TrainError(f"train.batch = {tc.batch} is not divisible by the world size {env.world}")
         self.store = Store.from_config(cfg)
-        self.store_manifest = paths(cfg).store / "manifest.json"
+        self.store_manifest = layout.data(cfg).store_manifest
         d = cfg.data
         want = (d.channels, d.input_size, d.input_size)
         if tuple(self.store.shape) != want:
@@ -406,11 +207,13 @@ class Trainer:
                              f"{d.channels} and data.input_size = {d.input_size} ask for {want}")
         if d.num_classes and self.store.num_classes != d.num_classes:
             raise TrainError(f"{self.store.path}: {self.store.num_classes} classes, but data.num_classes = {d.num_classes}")
+        if len(self.store) == 0:
+            raise TrainError(f"{self.store.path}: the store is empty")
         if tc.epochs is not None:  # train.epochs: the step count follows from the store's size
             tc = dataclasses.replace(tc, steps=total_steps(tc, len(self.store)))
             self.cfg = cfg = dataclasses.replace(cfg, train=tc)
         self.sampler = EpochSampler(len(self.store), tc.seed)
-        self.objective = MeanFlow(cfg.meanflow, d.num_classes)
+        self.objective = build_objective(cfg.meanflow, d.num_classes)
 
         torch.manual_seed(seed_of(tc.seed, "init"))
         self.net = build_model(cfg).to(self.device)
@@ -423,6 +226,11 @@ class Trainer:
         self.ema = EMA(self.net, tc.ema)
         self.averager = GradAverager(self.net.parameters(), env.world) if env.world > 1 else None
         self.train_seconds = 0.0
+        # the loop's state: open() resumes (k = the next step to run) and opens the outputs
+        self.k, self.ckpt, self.pending = 0, None, None
+        self.live = self.bar = self.pool = None
+        self.wall0 = self.started = self.t_log = time.time()
+        self.sums, self.window = [0.0] * len(METRICS), 0
 
     # ------------------------------------------------------------------ pieces
     def rows(self, step: int) -> Rows:
@@ -430,37 +238,15 @@ class Trainer:
         return load_rows(self.store, self.sampler, self.objective, step, tc.batch, self.env.rank, self.env.world,
                          tc.seed, self.device, conditional=self.cfg.data.num_classes > 0, augment=self.cfg.data.augment)
 
-    def step(self, step: int, b: Rows, stop: bool) -> tuple[list[float], bool]:
-        """One optimisation step on this rank's rows. Returns the global metrics and the global stop
-        flag; raises NonFiniteLoss before the update, so the weights stay good."""
-        if self.averager:
-            self.averager.zero()
-        else:
-            self.opt.zero_grad(set_to_none=True)
-        torch.manual_seed(seed_of(self.cfg.train.seed, "torch", step, self.env.rank))  # dropout
-        with autocast(self.device):
-            out = self.objective(self.net, b.x, b.y, e=b.e, t=b.t, r=b.r, drop=b.drop, grad_net=self.fwd, aug=b.aug)
-        out.loss.backward()
-        stats = torch.stack([getattr(out, m).detach().float() for m in METRICS])
-        if self.averager:
-            stats = torch.cat([stats, torch.tensor([float(stop)], device=stats.device)])
-            dist.all_reduce(stats)
-            self.averager.average()
-            *vals, stops = stats.tolist()  # the one host sync per step
-            vals, stop = [v / self.env.world for v in vals], stops > 0
-        else:
-            vals = stats.tolist()
-        if not all(math.isfinite(v) for v in vals):
+    def step(self, k: int, b: Rows, stop: bool) -> tuple[list[float], bool]:
+        """The step function on this rank's rows of step k; the global metrics and stop flag."""
+        torch.manual_seed(seed_of(self.cfg.train.seed, "torch", k, self.env.rank))  # dropout
+        try:
+            return step(self.objective, self.net, self.opt, b.x, b.y, ema=self.ema, averager=self.averager,
+                        grad_net=self.fwd, draws=b.draws(), stop=stop, where=f" at step {k + 1}")
+        except NonFiniteLoss as e:
             last = checkpoints(self.run_dir)
-            raise NonFiniteLoss(f"non-finite loss at step {step + 1}: loss = {vals[0]}, unweighted = {vals[1]}; "
-                                f"stopped before the update; last good checkpoint: "
-                                f"{last[-1][1] if last else 'none'}")
-        if self.cfg.train.warmup_steps:
-            for group in self.opt.param_groups:
-                group["lr"] = lr_at(step, self.cfg.train.lr, self.cfg.train.warmup_steps)
-        self.opt.step()
-        self.ema.update(self.net)
-        return vals, stop
+            raise NonFiniteLoss(f"{e}; last good checkpoint: {last[-1][1] if last else 'none'}") from None
 
     def save(self, step: int, started: float) -> Path | None:
         """Rank 0 writes the checkpoint of `step`; every rank first checks the weights (identical on
@@ -481,38 +267,35 @@ class Trainer:
     def resume(self) -> int:
         ck = checkpoints(self.run_dir)
         if self.env.main:  # leftovers of a run killed while writing
-            for tmp in (self.run_dir / CKPT_DIR).glob(".tmp-step-*"):
-                shutil.rmtree(tmp, ignore_errors=True)
+            tmp_leftovers(self.run_dir)
         if not ck:
             return 0
-        step, path = ck[-1]
-        state = load_checkpoint(path, self.net, self.ema, self.opt, self.device)
-        if state.get("run_id") != self.cfg.run_id:
-            raise TrainError(f"{path}: checkpoint of run {state.get('run_id')!r}, not {self.cfg.run_id!r}")
+        try:
+            found = resume_latest(self.run_dir, self.net, self.ema, self.opt, self.device, self.cfg.run_id,
+                                  move_aside=self.env.main)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+        if found is None:
+            return 0
+        step, path, state = found
         self.train_seconds = float(state.get("train_seconds", 0.0))
         log.info("resuming run %s from %s", self.cfg.run_id, path)
         return step
 
     def finish(self, ckpt: Path, started: float, wall0: float) -> Path:
         """The run's final outputs, written once training is complete: EMA weights and the manifest."""
-        from safetensors.torch import save_model
         from . import manifest
-        tc, ema_path = self.cfg.train, self.run_dir / FINAL_EMA
-        tmp = manifest.tmp_path(ema_path)
-        # one metadata key (safetensors writes several in hash order, varying the bytes per process),
-        # and no params hash (it covers paths and cadences; train_manifest.json has it): equal weights, equal bytes
-        save_model(self.ema.net, str(tmp), {"meanflow": json.dumps({"run_id": self.cfg.run_id, "step": tc.steps})})
-        _fsync(tmp)
-        os.replace(tmp, ema_path)
+        tc, ema_path = self.cfg.train, self.paths.ema
+        save_final_ema(ema_path, self.ema.net, {"run_id": self.cfg.run_id, "step": tc.steps})
         body = manifest.stamp(self.cfg, run_id=self.cfg.run_id, steps=tc.steps, batch=tc.batch,
                               images_seen=tc.steps * tc.batch, world_size=self.env.world, device=self.device.type,
                               store={"path": str(self.store.path), "manifest_sha256": manifest.file_hash(self.store_manifest)},
-                              ema={"file": FINAL_EMA, "sha256": manifest.file_hash(ema_path)},
+                              ema={"file": ema_path.name, "sha256": manifest.file_hash(ema_path)},
                               checkpoint=str(ckpt.relative_to(self.run_dir)),
                               wall_seconds=round(time.time() - wall0, 3),
                               train_seconds=round(self.train_seconds + time.time() - started, 3),
                               config=self.cfg.raw)
-        return manifest.write_json(self.run_dir / FINAL_MANIFEST, body)
+        return manifest.write_json(self.paths.train_manifest, body)
 
     # ------------------------------------------------------------------ loop
     def open(self):
@@ -522,16 +305,16 @@ class Trainer:
         self.wall0 = time.time()
         self.k = self.resume()  # the next step to run
         self.started = time.time()
-        self.live = _open_live(self.run_dir / "dvclive", self.k) if env.main else None
+        self.live = _open_live(self.paths.dvclive, self.k) if env.main else None
         self.bar = tqdm(total=tc.steps, initial=self.k, unit="step", desc=self.cfg.run_id, dynamic_ncols=True,
                         disable=not (self.progress and env.main), mininterval=1 if sys.stderr.isatty() else 30)
         # GPU: the next step's rows load in a thread while this step runs (CPU: no spare cores)
         self.pool = ThreadPoolExecutor(1) if self.device.type == "cuda" else None
-        self.pending, self.ckpt = None, None
-        self.sums, self.window, self.t_log = [0.0] * len(METRICS), 0, time.perf_counter()
+        self.t_log = time.perf_counter()
 
     def close(self):
-        self.bar.close()
+        if self.bar:
+            self.bar.close()
         if self.pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -539,7 +322,7 @@ class Trainer:
         with torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext():
             return self.rows(k)
 
-    def advance(self, stop_requested: bool = False):
+    def advance(self, stop_requested: bool = False, signum: int | None = None):
         """Run step self.k: rows, update, EMA, metrics, checkpoint. Raises Preempted (after writing
         the checkpoint) when any rank got a stop signal, NonFiniteLoss before a bad update."""
         tc, k = self.cfg.train, self.k
@@ -549,6 +332,9 @@ class Trainer:
             rows = fut.result()
         else:
             rows = self._fetch(k)
+        if tc.warmup_steps:  # the lr schedule (lr.py): a function of k alone, so a resumed run follows it
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(k, tc.lr, tc.warmup_steps)
         vals, stop = self.step(k, rows, stop_requested)
         self.k = n = k + 1
         self.sums, self.window = [s + v for s, v in zip(self.sums, vals)], self.window + 1
@@ -558,7 +344,7 @@ class Trainer:
         if stop:
             path = self.save(n, self.started)
             self.env.barrier()  # the others wait for rank 0's checkpoint before exiting
-            raise Preempted(n, path or self.run_dir / CKPT_DIR / f"step-{n:08d}")
+            raise Preempted(n, path or self.paths.checkpoints / f"step-{n:08d}", signum)
         if n % tc.ckpt_every == 0 or n == tc.steps:
             self.ckpt = self.save(n, self.started)
 
@@ -581,11 +367,11 @@ class Trainer:
         try:
             with _StopFlag() as flag:  # a signal once training is done is ignored: finishing is quicker
                 while self.k < self.cfg.train.steps:
-                    self.advance(flag.requested)
+                    self.advance(flag.requested, flag.signum)
                 ckpt = self.ckpt or self.save(self.cfg.train.steps, self.started)  # resumed from the last one
                 if self.env.main:
                     self.finish(ckpt, self.started, self.wall0)
                 self.env.barrier()
-            return self.run_dir / FINAL_MANIFEST
+            return self.paths.train_manifest
         finally:
             self.close()

@@ -1,8 +1,14 @@
 """One thin CLI per pipeline stage (`python -m stages.<name> --help`). What they share lives here:
-the --params/--tier/--experiment options, logging, and bad input reported as one `error:` line
-with exit code 1 (the library's errors name the file, key or value at fault)."""
+the --params/--tier/--experiment options, logging, and the error guard: the library's errors (they
+name the file, key or value at fault) and any unexpected exception alike end as one `error:` line
+with the stage's error exit code; the traceback only under --debug or MEANFLOW_DEBUG=1."""
 import argparse
 import logging
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
 
 from meanflow import config
 
@@ -15,20 +21,83 @@ def parser(name: str, doc: str, experiment: str | None = None) -> argparse.Argum
     p.add_argument("--tier", help="tier to run (default: the file's `tier`)")
     if experiment:
         p.add_argument("--experiment", help=experiment)
+        p.add_argument("--replicate", type=int, default=0,
+                       help="replica i of train.replicates: train.seed + i, sample.seed + i (default: %(default)s)")
+    debug_flag(p)
     return p
+
+
+def debug_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error "
+                   "(also MEANFLOW_DEBUG=1)")
+
+
+def load(args) -> config.Config:
+    """The config a stage with --experiment/--replicate runs (meanflow.plan.replica)."""
+    from meanflow import plan
+    return plan.replica(config.load(args.params, tier=args.tier, experiment=args.experiment), args.replicate)
 
 
 EXPERIMENT = "named experiment of the file's `experiments` (default: the tier's base config)"
 
 
-def run(p: argparse.ArgumentParser, fn, *errors: type[Exception]) -> None:
-    """Call fn() and print what it returns (each item of a list or generator); a ConfigError or
-    one of `errors` exits 1 with its message."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def debugging() -> bool:
+    return os.environ.get("MEANFLOW_DEBUG", "") not in ("", "0") or "--debug" in sys.argv[1:]
+
+
+def culprit(e: BaseException) -> str | None:
+    """The file an unexpected exception was about: OSError's filename, else the innermost frame's
+    local variable that is a path to an existing file or directory (what was being read)."""
+    if isinstance(e, OSError) and e.filename:
+        return str(e.filename)
+    frames = list(traceback.walk_tb(e.__traceback__))
+    for frame, _ in reversed(frames):
+        for v in frame.f_locals.values():
+            if isinstance(v, Path) and v.exists():
+                return str(v)
+    return None
+
+
+def describe(e: BaseException) -> str:
+    """One line for an unexpected exception: the file, the exception's kind and first message line."""
+    msg = (str(e).splitlines() or [""])[0]
+    if isinstance(e, OSError) and e.strerror:
+        msg = e.strerror
+    where = culprit(e)
+    return (f"{where}: " if where else "") + f"{type(e).__name__}: {msg} (rerun with --debug for the traceback)"
+
+
+@contextmanager
+def guard(p: argparse.ArgumentParser, *errors: type[Exception], code: int = 1):
+    """ConfigError and `errors` -> `error: <message>`, exit `code`; an exception with an `exit_code`
+    (the train stage's pre-emption) -> its message and code; any other exception -> one `error:`
+    line naming the file (describe), exit `code`, the traceback only when debugging."""
     try:
+        yield
+    except (config.ConfigError, *errors) as e:
+        p.exit(code, f"error: {e}\n")
+    except KeyboardInterrupt:  # Ctrl-C outside the train loop (which checkpoints first)
+        p.exit(130, "interrupted\n")
+    except Exception as e:  # noqa: BLE001 - the guard's purpose
+        if hasattr(e, "exit_code"):
+            p.exit(e.exit_code, f"{e}\n")
+        if debugging():
+            raise
+        p.exit(code, f"error: {describe(e)}\n")
+
+
+def run(p: argparse.ArgumentParser, fn, *errors: type[Exception]) -> None:
+    """Call fn() and print what it returns (each item of a list or generator), under `guard`."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with guard(p, *errors):
         out = fn()
         for item in out if isinstance(out, (list, tuple)) or hasattr(out, "__next__") else [out]:
             if item is not None:
                 print(item)
-    except (config.ConfigError, *errors) as e:
-        p.exit(1, f"error: {e}\n")
+
+
+def tier_stage(name: str, doc: str, fn, *errors: type[Exception], argv=None) -> None:
+    """A stage with only --params and --tier: fn(the tier's config), reported as `run` does."""
+    p = parser(name, doc)
+    args = p.parse_args(argv)
+    run(p, lambda: fn(config.load(args.params, tier=args.tier)), *errors)

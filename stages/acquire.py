@@ -1,14 +1,12 @@
 """Acquire the tier's dataset into data/<tier>/raw/ (image trees or arrays, plus index.json).
 Sources and checksums come from the `data` section of params.yaml."""
 
-from meanflow import config, data
-from stages import parser, run
+from meanflow import data
+from stages import tier_stage
 
 
 def main(argv=None):
-    p = parser("acquire", __doc__)
-    args = p.parse_args(argv)
-    run(p, lambda: data.acquire(config.load(args.params, tier=args.tier)), data.DataError)
+    tier_stage("acquire", __doc__, data.acquire, data.DataError, argv=argv)
 
 
 if __name__ == "__main__":

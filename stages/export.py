@@ -3,10 +3,12 @@ for comparison on another cluster:
 
     python -m stages.export --tier T --out bundle.tar.gz [--root .] [--force]
 
-Exit codes: 0 written; 2 nothing to export, or --out exists without --force."""
+Exit codes: 0 written; 2 nothing to export, an unreadable input, --out naming a directory, or --out
+exists without --force (no partial bundle is left)."""
 import argparse
 
-from meanflow import compare
+from meanflow import bundle
+from stages import debug_flag, guard
 
 
 def main(argv=None):
@@ -16,11 +18,10 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="bundle path (.tar.gz)")
     p.add_argument("--root", default=".", help="project directory holding results/, runs/, data/ (default: .)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    debug_flag(p)
     args = p.parse_args(argv)
-    try:
-        print(compare.export(args.root, args.tier, args.out, force=args.force))
-    except compare.CompareError as e:
-        p.exit(2, f"error: {e}\n")
+    with guard(p, bundle.BundleError, code=2):
+        print(bundle.export(args.root, args.tier, args.out, force=args.force))
 
 
 if __name__ == "__main__":

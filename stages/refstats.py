@@ -2,14 +2,12 @@
 refstats.json (hashes of the inputs and of the Inception weights). Imported from ADM's npz or
 computed from the training images, per data.refstats_source."""
 
-from meanflow import config, data
-from stages import parser, run
+from meanflow import data, metrics
+from stages import tier_stage
 
 
 def main(argv=None):
-    p = parser("refstats", __doc__)
-    args = p.parse_args(argv)
-    run(p, lambda: data.refstats(config.load(args.params, tier=args.tier)), data.DataError)
+    tier_stage("refstats", __doc__, metrics.refstats, data.DataError, argv=argv)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ Splitting: --shard i --num-shards n on each job (e.g. a SLURM array), and/or tor
 --nproc-per-node P -m stages.sample ...; the bytes do not depend on the split. The last worker
 to finish writes the manifest."""
 
-from meanflow import config, generate
+from meanflow import generate
 from meanflow.data import DataError
-from stages import EXPERIMENT, parser, run
+from stages import EXPERIMENT, load, parser, run
 
 
 def main(argv=None):
@@ -17,9 +17,20 @@ def main(argv=None):
     p.add_argument("--shard", type=int, default=0, help="this job's number, 0-based (default: 0)")
     p.add_argument("--num-shards", type=int, default=1, help="number of jobs sharing the work (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--omega", type=float, help="iMF: CFG scale the network is conditioned on, every NFE (sample.guidance)")
+    p.add_argument("--t-min", type=float, help="iMF: start of the CFG interval (sample.guidance)")
+    p.add_argument("--t-max", type=float, help="iMF: end of the CFG interval (sample.guidance)")
     args = p.parse_args(argv)
-    run(p, lambda: generate.generate(config.load(args.params, tier=args.tier, experiment=args.experiment), args.nfe,
-                                     args.shard, args.num_shards, progress=not args.no_progress),
+
+    def cfg():
+        c = load(args)
+        g = {k: v for k, v in (("omega", args.omega), ("t_min", args.t_min), ("t_max", args.t_max)) if v is not None}
+        if not g:
+            return c
+        raw = config.deep_merge(c.raw, {})
+        raw["sample"]["guidance"] = {"all": g}
+        return config.build(raw, c.tier, c.experiment, where=f"{args.params} with --omega/--t-min/--t-max {g}")
+    run(p, lambda: generate.generate(cfg(), args.nfe, args.shard, args.num_shards, progress=not args.no_progress),
         DataError, generate.SampleError, ValueError)
 
 

@@ -6,14 +6,17 @@ import argparse
 import json
 
 from meanflow import toy
+from stages import debug_flag, guard
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo/toy", help="output directory")
     ap.add_argument("--steps", type=int, default=None, help="training steps per model (default from meanflow.toy)")
+    debug_flag(ap)
     args = ap.parse_args(argv)
-    print(json.dumps(toy.demo(args.out, steps=args.steps), indent=2))
+    with guard(ap):
+        print(json.dumps(toy.demo(args.out, steps=args.steps), indent=2))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ the last good checkpoint is kept), 75 pre-empted (SIGTERM or SIGUSR1: a checkpoi
 the end of the current step; run the same command again to resume, e.g. on SLURM requeue)."""
 
 from meanflow import config, data, training
-from stages import EXPERIMENT, parser, run
+from stages import EXPERIMENT, load, parser, run
 
 
 def main(argv=None):
@@ -17,15 +17,12 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     def train():
-        cfg = config.load(args.params, tier=args.tier, experiment=args.experiment)
+        cfg = load(args)
         if args.steps is not None:
             raw = config.deep_merge(cfg.raw, {"train": {"steps": args.steps}})
             cfg = config.build(raw, cfg.tier, cfg.experiment, where=f"{args.params} with --steps {args.steps}")
         return training.train(cfg, progress=not args.no_progress)
-    try:
-        run(p, train, data.DataError, training.TrainError)
-    except training.Preempted as e:
-        p.exit(training.EXIT_PREEMPTED, f"{e}\n")
+    run(p, train, data.DataError, training.TrainError)  # Preempted: its exit_code (75 or 130)
 
 
 if __name__ == "__main__":

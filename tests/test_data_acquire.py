@@ -187,7 +187,7 @@ def test_hf_source_pinned_revision_and_token(tmp_path, monkeypatch):
 
 
 def test_imagefolder_and_kaggle(tmp_path):
-    # ImageFolder with an empty class folder: it keeps its label slot
+    # ImageFolder with an empty class folder: refused, or with skip_corrupt it keeps its label slot
     root = tmp_path / "if"
     for split, n in (("train", 3), ("val", 1)):
         for c, w in enumerate(WNIDS):
@@ -195,7 +195,9 @@ def test_imagefolder_and_kaggle(tmp_path):
             for k in range(0 if w == "n02085620" else n):
                 (root / split / w / f"{w}_{k}.JPEG").write_bytes(jpeg_bytes(30, 30, c * 10 + k))
     (root / "train" / WNIDS[0] / "notes.txt").write_text("not an image")
-    acquire(data_cfg(tmp_path / "o1", dataset="imagenet", source_path=str(root)))
+    with pytest.raises(DataError, match=r"train: class folder\(s\) without usable images: n02085620; .*skip_corrupt"):
+        acquire(data_cfg(tmp_path / "o0", dataset="imagenet", source_path=str(root)))
+    acquire(data_cfg(tmp_path / "o1", dataset="imagenet", source_path=str(root), skip_corrupt=True))
     raw = tmp_path / "o1" / "t" / "raw"
     idx = read_index(raw)
     assert idx["source"] == "imagefolder" and idx["classes"] == SORTED

@@ -122,11 +122,11 @@ def test_killed_encode_resumes_to_same_bytes(fixture_dir, monkeypatch):
     cfg = latent_cfg(root, vae=str(fixture_dir / "vae"))
     real = store._write_shard
 
-    def dying(out, k, rec, *a):
+    def dying(shards, k, rec, *a):
         if k == 1:  # half a temp file, then the process dies
-            (out / f".shard-00001.npy.999.tmp").write_bytes(b"\x93NUMPY partial")
+            (shards.out / f".shard-00001.npy.999.tmp").write_bytes(b"\x93NUMPY partial")
             raise KeyboardInterrupt
-        return real(out, k, rec, *a)
+        return real(shards, k, rec, *a)
 
     monkeypatch.setattr(store, "_write_shard", dying)
     with pytest.raises(KeyboardInterrupt):

@@ -12,7 +12,7 @@ from torch import nn
 
 from meanflow import generate, manifest, metrics
 from meanflow.data import acquire
-from meanflow.data.raw import paths
+from meanflow.layout import data as paths
 from meanflow.metrics import features as F
 from meanflow.metrics import fid
 from test_sample import make_cfg, write_weights

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import save_file
 
 from data_fakes import tiny_vae
-from meanflow import config, generate
+from meanflow import config, generate, runtime
 from meanflow.models import build_model
 from meanflow.sampling import sample
 
@@ -79,7 +79,7 @@ def test_content(reference):
     np.testing.assert_array_equal(y, np.arange(N) % 10)
     # the first batch, by hand: per-sample noise, labels, one step 1 -> 0, uint8 by rounding
     net, _ = generate.load_network(cfg, "cpu")
-    e = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(generate.seed_of(0, i)))
+    e = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(runtime.seed_of(0, "sample", i)))
                      for i in range(BATCH)])
     z = sample(net, e, torch.arange(BATCH), nfe=1)
     want = np.clip(np.round((z.numpy() + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)

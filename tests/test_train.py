@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from data_fakes import data_cfg
-from meanflow import config, training
+from meanflow import batches, config, training
 from meanflow.data import Store, acquire, encode
 from meanflow.objective import MeanFlow
 
@@ -102,9 +102,9 @@ def reference(data_root, tmp_path_factory):
 def test_rows_do_not_depend_on_world_size(data_root):
     cfg = config.load(write_params(data_root / "p.yaml", data_root, data_root / "runs"))
     store, obj = Store.from_config(cfg), MeanFlow(cfg.meanflow, 10)
-    sampler = training.EpochSampler(len(store), 0)
+    sampler = batches.EpochSampler(len(store), 0)
     for step in (0, 74):  # 74: the batch straddles two epochs (1797 images, batch 24)
-        parts = {w: [training.load_rows(store, sampler, obj, step, 24, r, w, 0, "cpu") for r in range(w)]
+        parts = {w: [batches.load_rows(store, sampler, obj, step, 24, r, w, 0, "cpu") for r in range(w)]
                  for w in (1, 2, 3, 4)}
         for w, rows in parts.items():
             for f in ("x", "y", "e", "t", "r", "drop"):

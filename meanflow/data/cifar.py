@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import layout
 from . import raw as rawmod
 from .fetch import DataError, fetch, is_url, open_tar
 
@@ -55,7 +56,7 @@ def acquire(cfg, raw: Path) -> Path:
     # source_path is the archive itself (path or URL) or a directory holding it.
     if src.endswith(ARCHIVE):
         src = src[: -len(ARCHIVE)].rstrip("/") or ("." if not is_url(src) else src)
-    archive, md5 = fetch(src, ARCHIVE, rawmod.paths(cfg).downloads, cfg.data.md5.get(ARCHIVE))
+    archive, md5 = fetch(src, ARCHIVE, layout.data(cfg).downloads, cfg.data.md5.get(ARCHIVE))
     with open_tar(archive, "r:gz") as tar:
         classes = [c for c in _read(tar, "batches.meta", archive)["label_names"]]
         xtr, ytr = _batches(tar, TRAIN, archive)

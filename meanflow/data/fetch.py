@@ -81,18 +81,24 @@ def download(url: str, dest: Path, chunk: int = 1 << 20, timeout: float = 60) ->
     return dest
 
 
+def local(src: str, cache: Path, key: str) -> Path:
+    """`src` (a path or URL) as a local file: a URL is downloaded once into `cache` (an unfinished
+    download resumed); a missing path raises DataError naming `key` (the params key that gave it)."""
+    if is_url(src):
+        path = Path(cache) / Path(src).name
+        if not path.exists():
+            download(src, path)
+        return path
+    path = Path(src)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (from {key})")
+    return path
+
+
 def fetch(src: str, name: str, cache: Path, md5: str | None) -> tuple[Path, str]:
     """`src/name` (a directory or base URL) as a local, checksum-verified file and its MD5.
     Downloads go to `cache`; a finished one is reused, an unfinished one resumed."""
-    where = join(src, name)
-    if is_url(where):
-        path = Path(cache) / name
-        if not path.exists():
-            download(where, path)
-    else:
-        path = Path(where)
-        if not path.is_file():
-            raise DataError(f"{path}: no such file (data.source_path = {src!r})")
+    path = local(join(src, name), cache, f"data.source_path = {src!r}")
     return path, check_md5(path, md5)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .. import layout
 from . import raw as rawmod
 from .fetch import DataError, extract, fetch, is_url, open_tar, rmtree
 
@@ -165,7 +166,7 @@ def from_tars(cfg, raw: Path) -> Path:
     # Every checksum is verified before anything is extracted.
     files, md5s = {}, {}
     for n in names:
-        files[n], md5s[n] = fetch(d.source_path, n, rawmod.paths(cfg).downloads, d.md5.get(n))
+        files[n], md5s[n] = fetch(d.source_path, n, layout.data(cfg).downloads, d.md5.get(n))
     idx_to_wnid, truth = devkit(files[DEVKIT], raw / ".devkit.tmp")
     classes = sorted(idx_to_wnid.values())
     partial = raw / ".partial"
@@ -220,7 +221,7 @@ def _extract_hf(archives: list[Path], dest: Path) -> None:
 
 def from_hf(cfg, raw: Path) -> Path:
     d = cfg.data
-    local = _hf_download(cfg, rawmod.paths(cfg).downloads / "hf")
+    local = _hf_download(cfg, layout.data(cfg).downloads / "hf")
     archives = {"train": sorted((local / "data").glob("train_images_*.tar.gz")),
                 "val": sorted((local / "data").glob("val_images.tar.gz"))}
     for s in d.splits:
@@ -251,8 +252,41 @@ def _kaggle(root: Path) -> tuple[Path | None, Path | None]:
     return None, None
 
 
+def _bad_image(p: Path, root: Path) -> str | None:
+    """Why an indexed-in-place file cannot be used: a symlink out of the source tree (the index
+    would reach outside it), an empty file, or a file PIL cannot identify as an image (header only)."""
+    from PIL import Image, UnidentifiedImageError
+    if not p.resolve().is_relative_to(root):
+        return f"a link to {p.resolve()}, outside {root}"
+    try:
+        if p.stat().st_size == 0:
+            return "zero bytes"
+        with Image.open(p) as im:
+            im.size
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        return f"not a readable image ({type(e).__name__})"
+    return None
+
+
+def _vet(items: list[tuple[str, int]], root: Path, skip: bool, split: str) -> tuple[list, list]:
+    """Drop (skip) or refuse bad files of a split (see _bad_image); (kept items, skipped 'path: why')."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(8) as pool:  # header reads: I/O bound
+        why = list(pool.map(lambda it: _bad_image(Path(it[0]), root), items))
+    bad = [f"{it[0]}: {w}" for it, w in zip(items, why) if w]
+    if bad and not skip:
+        raise DataError(f"{root} ({split}): {len(bad)} unusable file(s), first: {'; '.join(bad[:3])}; remove them "
+                        "or set data.skip_corrupt: true to skip and list them in the index")
+    if bad:
+        log.warning("%s (%s): skipping %d unusable file(s), listed in the index: %s", root, split, len(bad), bad[:3])
+    return [it for it, w in zip(items, why) if not w], bad
+
+
 def from_folder(cfg, raw: Path) -> Path:
-    """Index an extracted ImageFolder or Kaggle tree in place (absolute paths; nothing copied)."""
+    """Index an extracted ImageFolder or Kaggle tree in place (absolute paths; nothing copied).
+    Symlinks out of the tree, zero-byte and unidentifiable files, and empty class folders are
+    refused; with data.skip_corrupt they are skipped and listed in the index (skipped,
+    empty_classes; an empty class keeps its label slot)."""
     d = cfg.data
     root = Path(d.source_path).resolve()
     cls_loc, solution = _kaggle(root)
@@ -262,7 +296,7 @@ def from_folder(cfg, raw: Path) -> Path:
     classes = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{base / 'train'}: no class folders")
-    items, empty = {}, {}
+    items, empty, skipped = {}, {}, {}
     for s in d.splits:
         if s == "val" and cls_loc is not None:  # flat val/, labels in LOC_val_solution.csv
             items[s] = _kaggle_val(solution, base / "val", classes)
@@ -274,8 +308,14 @@ def from_folder(cfg, raw: Path) -> Path:
             if stray:
                 raise DataError(f"{base / s}: classes missing from train: {' '.join(stray[:10])}")
             items[s], empty[s] = _scan(base / s, classes, None)
+        items[s], skipped[s] = _vet(items[s], root, d.skip_corrupt, s)
+        if s != "val" or cls_loc is None:  # an ImageFolder class left without images
+            empty[s] = sorted(set(classes) - {classes[lb] for _, lb in items[s]})
+        if empty[s] and not d.skip_corrupt:
+            raise DataError(f"{base / s}: class folder(s) without usable images: {' '.join(empty[s][:10])}; "
+                            "add images, or set data.skip_corrupt: true to keep their label slots empty")
     return _finish(cfg, raw, "kaggle-cls-loc" if cls_loc else "imagefolder", classes, items, empty,
-                   inputs={"root": str(root)})
+                   inputs={"root": str(root)}, skipped={k: v for k, v in skipped.items() if v})
 
 
 def _kaggle_val(sol: Path | None, val: Path, classes: list[str]) -> list[tuple[str, int]]:

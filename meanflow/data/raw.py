@@ -12,29 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import manifest
+from .. import layout, manifest
 from .fetch import DataError
 
 log = logging.getLogger(__name__)
-INDEX = "index.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class Paths:
-    root: Path      # data/<tier>
-
-    @property
-    def raw(self) -> Path: return self.root / "raw"
-    @property
-    def downloads(self) -> Path: return self.root / "downloads"
-    @property
-    def store(self) -> Path: return self.root / "store"
-    @property
-    def refstats(self) -> Path: return self.root / "refstats.npz"
-
-
-def paths(cfg) -> Paths:
-    return Paths(Path(cfg.data.root) / cfg.tier)
+INDEX = layout.RAW_INDEX
 
 
 @dataclasses.dataclass
@@ -52,12 +34,15 @@ class Split:
 
 def write_files_split(raw: Path, name: str, items: list[tuple[str, int]]) -> dict:
     tmp = manifest.tmp_path(raw / f"{name}.tsv")
-    with open(tmp, "w") as f:
-        for path, label in items:
-            if "\t" in path or "\n" in path:
-                raise DataError(f"{path!r}: file names with tabs or newlines are not supported")
-            f.write(f"{path}\t{label}\n")
-    tmp.replace(raw / f"{name}.tsv")
+    try:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            for path, label in items:
+                if "\t" in path or "\n" in path:
+                    raise DataError(f"{path!r}: file names with tabs or newlines are not supported")
+                f.write(f"{path}\t{label}\n")
+        tmp.replace(raw / f"{name}.tsv")
+    finally:
+        tmp.unlink(missing_ok=True)  # a refused index leaves no temp file
     return {"format": "files", "file": f"{name}.tsv", "count": len(items),
             "sha256": manifest.file_hash(raw / f"{name}.tsv")}
 
@@ -91,27 +76,9 @@ def load_split(raw: Path, name: str) -> Split:
     if s["format"] == "array":
         return Split(name, np.load(raw / s["y"]), x=np.load(raw / s["x"], mmap_mode="r"), maxval=s["maxval"])
     files, labels = [], []
-    with open(raw / s["file"]) as f:
+    with open(raw / s["file"], encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             path, label = line.rstrip("\n").split("\t")
             files.append(path if Path(path).is_absolute() else str(raw / path))
             labels.append(int(label))
     return Split(name, np.asarray(labels, dtype=np.int64), files=files)
-
-
-def acquire(cfg) -> Path:
-    """The acquire stage: fetch the tier's dataset into data/<tier>/raw/ and write its index."""
-    from . import cifar, digits, imagenet
-    raw = paths(cfg).raw
-    if (raw / INDEX).exists():
-        log.info("%s exists: raw data already acquired", raw / INDEX)
-        return raw / INDEX
-    raw.mkdir(parents=True, exist_ok=True)
-    dataset = cfg.data.dataset
-    if dataset == "digits":
-        return digits.acquire(cfg, raw)
-    if dataset == "cifar10":
-        return cifar.acquire(cfg, raw)
-    if dataset == "imagenet":
-        return imagenet.acquire(cfg, raw)
-    raise DataError(f"data.dataset = {dataset!r}: no acquire stage for it (toy2d data is generated on the fly)")

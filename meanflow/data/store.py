@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,14 +25,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .. import manifest
+from .. import layout, manifest, runtime
+from ..shards import MANIFEST, Shards
 from . import vae as vaemod
 from .crop import DecodeError, center_crop_arr, load_rgb
 from .fetch import DataError
-from .raw import Split, load_split, paths, read_index
+from .raw import Split, load_split, read_index
 
 log = logging.getLogger(__name__)
-SHARD, DONE, PLAN, MANIFEST, LABELS = "shard-{:05d}.npy", "shard-{:05d}.json", "plan.json", "manifest.json", "labels.npy"
+SHARD, LABELS = layout.STORE_SHARD, "labels.npy"
 
 
 def record_dtype(kind: str, shape) -> np.dtype:
@@ -41,12 +41,6 @@ def record_dtype(kind: str, shape) -> np.dtype:
     if kind == "latent":
         return np.dtype([("index", "<i8"), ("label", "<i8"), ("mean", "<f2", (2, *shape)), ("std", "<f2", (2, *shape))])
     return np.dtype([("index", "<i8"), ("label", "<i8"), ("x", "<f4", shape)])
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("data.device = cuda, but no CUDA device is present")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 # --------------------------------------------------------------------------- images
@@ -123,21 +117,10 @@ class _Encoder:
         return rec
 
 
-def _ranges(n: int, size: int) -> list[tuple[int, int]]:
-    return [(k * size, min((k + 1) * size, n)) for k in range(math.ceil(n / size))]
-
-
-def _done(out: Path, k: int) -> bool:
-    return (out / DONE.format(k)).exists() and (out / SHARD.format(k)).exists()
-
-
-def _write_shard(out: Path, k: int, rec: np.ndarray, skipped: list[str], device: str) -> None:
-    manifest.save_npy(out / SHARD.format(k), rec)
-    manifest.write_json(out / DONE.format(k), {"shard": k, "file": SHARD.format(k), "count": len(rec),
-                                               "sha256": manifest.file_hash(out / SHARD.format(k)),
-                                               "skipped": skipped, "device": device,
-                                               "threads": torch.get_num_threads(),
-                                               "labels": rec["label"].tolist()})
+def _write_shard(shards: Shards, k: int, rec: np.ndarray, skipped: list[str], device: str) -> None:
+    manifest.save_npy(shards.file(k), rec)
+    shards.mark(k, count=len(rec), sha256=shards.sha256(k), skipped=skipped, device=device,
+                threads=torch.get_num_threads(), labels=rec["label"].tolist())
 
 
 def encode(cfg, worker: int = 0, num_workers: int = 1) -> Path | None:
@@ -145,35 +128,33 @@ def encode(cfg, worker: int = 0, num_workers: int = 1) -> Path | None:
     this worker finds every shard done, it also merges. Returns the manifest path if written."""
     if not 0 <= worker < num_workers:
         raise DataError(f"worker {worker} of {num_workers}: want 0 <= worker < num_workers")
-    d, p = cfg.data, paths(cfg)
-    out = p.store
-    if (out / MANIFEST).exists():
-        log.info("%s exists: store already encoded", out / MANIFEST)
-        return out / MANIFEST
+    d, p = cfg.data, layout.data(cfg)
+    if p.store_manifest.exists():  # verified, not trusted: a deleted or damaged shard is remade
+        sh = Shards.of(p.store, SHARD, "count", DataError, "no plan.json beside manifest.json; delete the store")
+        if not sh.check() and sh.complete():
+            log.info("%s: store already encoded (all %d shards verified)", p.store_manifest, len(sh.ranges))
+            return p.store_manifest
     split = load_split(p.raw, d.encode_split)
     index = read_index(p.raw)
     data = Images(split, d.resolution, d.skip_corrupt)
-    device = pick_device(d.device)
+    device = runtime.device(d.device, "data.device", DataError)
     enc = _Encoder(cfg, split, data.channels, device)
-    out.mkdir(parents=True, exist_ok=True)
     plan = {"kind": enc.kind, "shape": list(enc.shape), "dataset": d.dataset, "split": d.encode_split,
             "count": len(split), "raw_sha256": index["splits"][d.encode_split]["sha256"],
             "resolution": d.resolution, "shard_size": d.shard_size, "encode_batch": d.encode_batch, "vae": enc.info}
-    manifest.check_plan(out / PLAN, plan, DataError, "other inputs or settings")
-    ranges = _ranges(len(split), d.shard_size)
-    mine = [k for k in range(worker, len(ranges), num_workers) if not _done(out, k)]
-    for k in mine:  # leftovers of a killed run
-        for t in out.glob(f".{SHARD.format(k)}.*.tmp"):
-            t.unlink()
+    shards = Shards(p.store, len(split), d.shard_size, SHARD, DataError)
+    shards.start(plan, "other inputs or settings")
+    mine = shards.todo(worker, num_workers)
     if mine:
-        _run(enc, data, out, ranges, mine, d, device)
-    if num_workers == 1 or all(_done(out, k) for k in range(len(ranges))):
+        _run(enc, data, shards, mine, d, device)
+    if num_workers == 1 or shards.complete():
         return merge(cfg)
     log.info("worker %d of %d done; run `--merge` once all workers have finished", worker, num_workers)
     return None
 
 
-def _run(enc: _Encoder, data: Images, out: Path, ranges, mine, d, device) -> None:
+def _run(enc: _Encoder, data: Images, shards: Shards, mine, d, device) -> None:
+    ranges = shards.ranges
     batches = [list(range(i, min(i + d.encode_batch, ranges[k][1]))) for k in mine
                for i in range(*ranges[k], d.encode_batch)]
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=d.workers,
@@ -190,7 +171,7 @@ def _run(enc: _Encoder, data: Images, out: Path, ranges, mine, d, device) -> Non
                 imgs, labels, idx = imgs[ok], labels[ok], idx[ok]
             parts.setdefault(k, []).append(enc(imgs, labels.numpy(), idx.numpy()))
             if end == ranges[k][1]:  # the shard's last batch
-                pending.append(writer.submit(_write_shard, out, k, np.concatenate(parts.pop(k)),
+                pending.append(writer.submit(_write_shard, shards, k, np.concatenate(parts.pop(k)),
                                              skipped.pop(k, []), str(device)))
             for f in pending:
                 if f.done():
@@ -202,18 +183,10 @@ def _run(enc: _Encoder, data: Images, out: Path, ranges, mine, d, device) -> Non
 
 def merge(cfg) -> Path:
     """Check that every shard is done and write manifest.json."""
-    d, p = cfg.data, paths(cfg)
+    d, p = cfg.data, layout.data(cfg)
     out = p.store
-    try:
-        plan = json.loads((out / PLAN).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{out / PLAN}: no store in progress; run the encode stage first") from None
-    ranges = _ranges(plan["count"], plan["shard_size"])
-    missing = [k for k in range(len(ranges)) if not _done(out, k)]
-    if missing:
-        raise DataError(f"{out}: {len(missing)} of {len(ranges)} shards not done (first: {missing[:5]}); "
-                        "run the missing encode workers")
-    shards = [json.loads((out / DONE.format(k)).read_text()) for k in range(len(ranges))]
+    sh = Shards.of(out, SHARD, "count", DataError, "no store in progress; run the encode stage first")
+    plan, shards = sh.plan, [s for s, _ in sh.read(stage="encode")]
     # All labels in one small file, so readers need not page through the shards for them.
     manifest.save_npy(out / LABELS, np.asarray([lb for s in shards for lb in s["labels"]], dtype=np.int64))
     index = read_index(p.raw)
@@ -251,7 +224,7 @@ class Store:
 
     @classmethod
     def from_config(cls, cfg) -> "Store":
-        return cls(paths(cfg).store, flip=cfg.data.flip, scale=cfg.data.latent_scale)
+        return cls(layout.data(cfg).store, flip=cfg.data.flip, scale=cfg.data.latent_scale)
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0

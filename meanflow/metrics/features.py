@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from .. import manifest
+from .. import layout, manifest
 
 log = logging.getLogger(__name__)
 NAME = "digits-classifier"
 METRIC, METRIC_NAME = "fd_digits", "Frechet distance in digits-classifier features (not Inception FID)"
-WEIGHTS, META, REFSTATS = "feature_net.safetensors", "feature_net.json", "refstats_digits.npz"
+WEIGHTS, META, REFSTATS = layout.FEATURE_NET, "feature_net.json", "refstats_digits.npz"
 FEATURE, LOGITS, DIM = "64", "logits", 64
 RES = 8
 # the training recipe (recorded in the manifest); a few seconds on one core
@@ -103,8 +103,8 @@ def register() -> None:
 def digits_uint8(cfg) -> tuple[np.ndarray, np.ndarray, dict]:
     """The raw digits split as uint8 N x 1 x 8 x 8 in 0..255 (round(v * 255 / 16), as refstats
     does), labels, and the raw index entry."""
-    from ..data.raw import load_split, paths, read_index
-    p = paths(cfg)
+    from ..data.raw import load_split, read_index
+    p = layout.data(cfg)
     split = load_split(p.raw, "train")
     if split.x is None or split.x.shape[1:] != (1, RES, RES):
         raise ValueError(f"{p.raw}: the features stage needs the digits split (N x 1 x {RES} x {RES} arrays)")
@@ -154,9 +154,8 @@ def train_net(x: np.ndarray, y: np.ndarray, epochs: int = EPOCHS, seed: int = SE
 def features_stage(cfg, epochs: int = EPOCHS) -> Path:
     """The features stage: data/<tier>/feature_net.safetensors + feature_net.json."""
     from safetensors.torch import save_file
-    from ..data.raw import paths
-    root = paths(cfg).root
-    out = root / WEIGHTS
+    root = layout.data(cfg).root
+    out = layout.data(cfg).feature_net
     if out.exists() and (root / META).exists():
         log.info("%s exists: feature network already trained", out)
         return out
@@ -185,9 +184,8 @@ def extractor(weights: str | Path, features=(FEATURE, LOGITS), device="cpu"):
 def reference_stats(cfg, weights: Path) -> tuple[np.ndarray, np.ndarray, Path, dict]:
     """(mu, sigma) of the digits training data in the feature net's space, float64; cached in
     data/<tier>/refstats_digits.npz, recomputed when the feature net or the raw data changed."""
-    from ..data.reference import Moments
-    from ..data.raw import paths
-    out = paths(cfg).root / REFSTATS
+    from .reference import Moments
+    out = layout.data(cfg).root / REFSTATS
     meta_path = out.with_suffix(".json")
     w_sha = manifest.file_hash(weights)
     x, _, raw = digits_uint8(cfg)

@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import manifest
-from ..generate import MANIFEST as SAMPLES_MANIFEST, SampleError, read_shards, sample_dir, samples_sha256, schedules, \
-    select_device
-from . import features as digits
+from .. import layout, manifest, runtime, shards as shardsmod
+from ..sampling import schedules
+from . import features as digits, uncertainty
 
 log = logging.getLogger(__name__)
 FID, FID_NAME = "fid", "FID: Frechet distance of Inception-v3 pool3 features (torch-fidelity inception-v3-compat)"
@@ -64,10 +63,11 @@ def exact_fp32():
 
 
 @torch.inference_mode()
-def extract(fe, arrays, batch: int, device, bar=None):
+def extract(fe, arrays, batch: int, device, bar=None, rows: list | None = None):
     """Feature moments (float64) and logits of uint8 N x H x W x C arrays; a grayscale image is
-    given to an RGB extractor as three equal channels (as refstats does)."""
-    from ..data.reference import Moments
+    given to an RGB extractor as three equal channels (as refstats does). `rows`, if given,
+    collects the float32 feature rows (for the bootstrap)."""
+    from .reference import Moments
     acc, logits = Moments(), []
     rgb = not isinstance(fe, digits.FeatureExtractorDigits)
     for arr in arrays:
@@ -77,6 +77,8 @@ def extract(fe, arrays, batch: int, device, bar=None):
                 x = x.expand(-1, 3, -1, -1)
             f, lg = fe(x.to(device))
             acc.update(f.double().cpu().numpy())
+            if rows is not None:
+                rows.append(f.float().cpu().numpy())
             logits.append(lg.float().cpu())
             if bar is not None:
                 bar.update(len(x))
@@ -88,12 +90,10 @@ class Space:
     """A feature extractor, its layers, the reference statistics, and what to call the result."""
 
     def __init__(self, cfg, inception_weights: str | None = None, device="cpu"):
-        from ..data.raw import paths
         from ..data.fetch import DataError
         self.kind = cfg.sample.features
-        root = paths(cfg).root
         if self.kind == "digits":
-            w = root / digits.WEIGHTS
+            w = layout.data(cfg).feature_net
             if not w.is_file():
                 raise MetricError(f"{w}: no digits feature network (sample.features = digits); run stages.features")
             self.fe = digits.extractor(w, device=device)
@@ -103,13 +103,13 @@ class Space:
             self.mu, self.sigma, self.ref_path, ref_meta = digits.reference_stats(cfg, w)
         else:
             from torch_fidelity.utils import create_feature_extractor
-            from ..data import reference
+            from . import reference
             d = cfg.data
             try:  # a CLI path, else data.inception_weights, else torch-fidelity's release file (network)
                 self.weights = reference.inception_weights(inception_weights or d.inception_weights)
             except DataError as e:
                 raise MetricError(str(e)) from None
-            self.ref_path = paths(cfg).refstats
+            self.ref_path = layout.data(cfg).refstats
             if not self.ref_path.is_file():
                 raise MetricError(f"{self.ref_path}: no reference statistics; run stages.refstats")
             self.mu, self.sigma, ref_meta = reference.load(self.ref_path)
@@ -137,16 +137,14 @@ def evaluate(cfg, nfe: int, allow_fewer: bool = False, inception_weights: str | 
              progress: bool = True, space: Space | None = None) -> Path:
     """Compute the metric of samples_nfe{nfe} and write <run_dir>/metrics_nfe{nfe}.json."""
     from tqdm import tqdm
-    s, out = cfg.sample, sample_dir(cfg, nfe)
-    if not (out / "plan.json").exists():
+    s, out = cfg.sample, layout.run(cfg).samples(nfe)
+    if not (out / shardsmod.PLAN).exists():
         raise MetricError(f"{out}: no samples; run stages.sample")
+    sh = shardsmod.Shards.of(out, layout.SAMPLE_SHARD, "n", MetricError, "no samples; run stages.sample")
+    plan, shards = sh.plan, sh.read(complete=False)
     try:
-        plan, shards = read_shards(out, complete=False)
-    except SampleError as e:
-        raise MetricError(str(e)) from None
-    try:
-        want = {"nfe": nfe, "seed": s.seed, "times": schedules(cfg, [nfe])[nfe]}
-    except (SampleError, ValueError) as e:
+        want = {"nfe": nfe, "seed": s.seed, "times": schedules(cfg, [nfe], MetricError)[nfe]}
+    except ValueError as e:
         raise MetricError(str(e)) from None
     diff = {k: (plan.get(k), v) for k, v in want.items() if plan.get(k) != v}
     if plan["n"] > s.n:
@@ -163,7 +161,7 @@ def evaluate(cfg, nfe: int, allow_fewer: bool = False, inception_weights: str | 
     for sh, p in shards:  # the bytes we measure are the bytes the sample stage recorded
         if manifest.file_hash(p) != sh["sha256"]:
             raise MetricError(f"{p}: sha256 differs from {sh['file'].replace('.npz', '.json')}; the shard is corrupt")
-    device = select_device(s.device)
+    device = runtime.device(s.device, "sample.device", MetricError)
     space = space or Space(cfg, inception_weights, device)
 
     def arrays():
@@ -173,8 +171,10 @@ def evaluate(cfg, nfe: int, allow_fewer: bool = False, inception_weights: str | 
 
     with exact_fp32(), tqdm(total=count, unit="img", desc=f"{space.metric} nfe={nfe}", disable=not progress,
                             mininterval=1 if sys.stderr.isatty() else 30) as bar:
-        acc, logits = extract(space.fe, arrays(), s.fid_batch, device, bar)
+        feats: list = []
+        acc, logits = extract(space.fe, arrays(), s.fid_batch, device, bar, feats)
     value = frechet(acc.mean, acc.sigma, space.mu, space.sigma)
+    boot = uncertainty.bootstrap(np.concatenate(feats), space.mu, space.sigma, value)
     isc = inception_score(logits)
     log.info("run %s nfe=%d: %s = %.4f over %d samples", cfg.run_id, nfe, space.metric, value, count)
     body = manifest.stamp(
@@ -184,21 +184,21 @@ def evaluate(cfg, nfe: int, allow_fewer: bool = False, inception_weights: str | 
         sample_labels=plan.get("labels"),  # random | balanced (sample.labels); null when unconditional
         count=count, configured_n=s.n, complete=count == plan["n"] == s.n, allow_fewer=allow_fewer,
         statistics="float64 mean and covariance of the generated features; torch_fidelity.metric_fid.fid_statistics_to_metric",
-        samples={"dir": str(out), "sha256": samples_sha256(sh["sha256"] for sh, _ in shards),
-                 "manifest_sha256": manifest.file_hash(out / SAMPLES_MANIFEST) if (out / SAMPLES_MANIFEST).exists() else None,
+        samples={"dir": str(out), "sha256": shardsmod.digest(sh["sha256"] for sh, _ in shards),
+                 "manifest_sha256": manifest.file_hash(out / shardsmod.MANIFEST) if (out / shardsmod.MANIFEST).exists() else None,
                  "shards": [{"file": sh["file"], "count": sh["count"], "sha256": sh["sha256"]} for sh, _ in shards],
                  "weights_sha256": plan["weights_sha256"]},
         reference={"path": str(space.ref_path), "sha256": manifest.file_hash(space.ref_path), **space.ref_meta},
         feature_extractor={"name": space.name, "layers": space.layers, "weights": str(space.weights),
                            "weights_sha256": space.weights_sha256},
-        inception_score=({**isc, "layer": space.layers[1]} if isc else None))
-    return manifest.write_json(Path(cfg.run_dir) / f"metrics_nfe{nfe}.json", body)
+        inception_score=({**isc, "layer": space.layers[1]} if isc else None), bootstrap=boot)
+    return manifest.write_json(layout.run(cfg).metrics(nfe), body)
 
 
 def evaluate_all(cfg, nfes=None, allow_fewer: bool = False, inception_weights: str | None = None,
                  progress: bool = True) -> list[Path]:
     """The fid stage for every NFE of sample.nfe (or `nfes`); the extractor is built once."""
-    space = Space(cfg, inception_weights, select_device(cfg.sample.device))
+    space = Space(cfg, inception_weights, runtime.device(cfg.sample.device, "sample.device", MetricError))
     return [evaluate(cfg, k, allow_fewer, inception_weights, progress, space) for k in (nfes or cfg.sample.nfe)]
 
 

@@ -1,27 +1,31 @@
 # Read + validate params.yaml before any job (an invalid value fails here, naming its key) and build
-# the run list of the tier: one train/sample/fid chain per distinct run_id, however many rows share it.
-from meanflow import config as mfconfig, launch, tables as mftables
+# the tier's plan: one train/sample/fid chain per distinct run_id, however many rows share it.
+# Every path comes from meanflow.layout (through the plan); {run} is the run wildcard.
+from meanflow import config as mfconfig, launch, layout, plan as mfplan
 
 PARAMS = config.get("params", "params.yaml")
 try:
     P = mfconfig.load_params(PARAMS)
     TIER = config.get("tier", P["tier"])
-    BASE = mfconfig.resolve(P, TIER, where=PARAMS)
-    RUNS = mftables.runs(P, TIER)
+    # --config tables=imf1[,...]: those tables instead of the tier's list (`make run-imf`)
+    ONLY = [t for t in str(config["tables"]).split(",") if t] if config.get("tables") else None
+    PLAN = mfplan.Plan(P, TIER, where=PARAMS, tables=ONLY)
 except mfconfig.ConfigError as e:
     raise WorkflowError(str(e))
-NFE = list(BASE.sample.nfe)
-TABLES = [str(t) for t in (P.get("tables") or {}).get("tiers", {}).get(TIER, [])]
-TABLE_OUTPUTS = expand("results/{tier}/tables/table_{t}.{ext}", tier=TIER, t=TABLES, ext=["md", "csv", "tex"])
-DATA = f"data/{TIER}"
+RUNS, NFE, TABLES = PLAN.runs, PLAN.nfe, PLAN.tables
+ONLY_FLAG = f" --tables {' '.join(ONLY)}" if ONLY else ""
+REP = {rid: mfplan.replicate_arg(r.replicate) for rid, r in RUNS.items()}   # "" or " --replicate i"
+D = PLAN.data                # data/<tier>/...
+R = PLAN.run_paths("{run}")  # runs/<tier>/{run}/...
+OUT = PLAN.results           # results/<tier>/... (plots_<tables>/, grids_<tables>/ for ONLY)
+TABLE_OUTPUTS = [str(OUT.table(t, ext)) for t in TABLES for ext in layout.TABLE_EXTS]
 
 wildcard_constraints:
-    tier=TIER,
     run="|".join(RUNS) or "NONE",
 
-CODE = {s: mftables.code(s) for s in mftables.CODE}
-DATA_HASH = mftables.data_hash(P, TIER)
+CODE = {s: mfplan.code(s) for s in mfplan.CODE}
+DATA_HASH = PLAN.data_hash()
 # cluster resources (tiny: CPU-only). train/sample start through meanflow.launch: python, torchrun
 # --nproc-per-node=<gpu> on one node, srun + torchrun with resources nodes and gpus_per_node
-RES = mftables.resources(TIER)
-FID_REF = mftables.fid_reference(P, TIER)   # refstats.npz, or the digits feature net on tiny
+RES = mfplan.resources(TIER)
+FID_REF = str(PLAN.fid_reference())   # refstats.npz, or the digits feature net on tiny

@@ -2,24 +2,24 @@
 # an unrelated key does not re-acquire a dataset.
 rule acquire:
     input: CODE["acquire"]
-    output: f"{DATA}/raw/index.json"
+    output: str(D.index)
     params: data_hash=DATA_HASH
     shell: "python -m stages.acquire --params {PARAMS} --tier {TIER}"
 
 rule encode:
-    input: f"{DATA}/raw/index.json", CODE["encode"]
-    output: f"{DATA}/store/manifest.json"
+    input: str(D.index), CODE["encode"]
+    output: str(D.store_manifest)
     params: data_hash=DATA_HASH
     shell: "python -m stages.encode --params {PARAMS} --tier {TIER}"
 
 rule refstats:
-    input: f"{DATA}/raw/index.json", CODE["refstats"]
-    output: f"{DATA}/refstats.npz"
+    input: str(D.index), CODE["refstats"]
+    output: str(D.refstats)
     params: data_hash=DATA_HASH
     shell: "python -m stages.refstats --params {PARAMS} --tier {TIER}"
 
 rule features:   # sample.features = digits (tiny): the feature network of the tiny tier's Frechet distance
-    input: f"{DATA}/raw/index.json", CODE["features"]
-    output: f"{DATA}/feature_net.safetensors"
+    input: str(D.index), CODE["features"]
+    output: str(D.feature_net)
     params: data_hash=DATA_HASH
     shell: "python -m stages.features --params {PARAMS} --tier {TIER}"

@@ -1,12 +1,13 @@
-# The tables read every row's metrics; plan_hash reruns them when the row map changes.
+# The tables read every row's metrics; the plan hash reruns them when the row map changes.
 rule tables:
     input:
-        expand("runs/{tier}/{run}/metrics_nfe{k}.json", tier=TIER, run=list(RUNS), k=NFE),
+        [str(PLAN.run_paths(run).metrics(k)) for run in RUNS for k in NFE],
         CODE["tables"],
     output:
-        expand("results/{{tier}}/tables/table_{t}.{ext}", t=TABLES, ext=["md", "csv", "tex"]),
-        report(expand("results/{{tier}}/plots/{p}.png", p=["fid_vs_nfe", "fid_vs_size", "training_curves"]),
-               category="Plots"),
-        report(directory("results/{tier}/grids"), patterns=["{name}.png"], category="Sample grids"),
-    params: plan=mftables.plan_hash(P, TIER)
-    shell: "python -m stages.tables --params {PARAMS} --tier {wildcards.tier}"
+        TABLE_OUTPUTS,
+        str(OUT.fid_json), str(OUT.fid_csv),
+        report([str(OUT.plot(p)) for p in layout.PLOTS], category="Plots"),
+        report(directory(str(OUT.grids)), patterns=["{name}.png"], category="Sample grids"),
+    params: plan=PLAN.hash()
+    benchmark: str(layout.benchmark(TIER, "tables", "tables" + ("_" + "+".join(ONLY) if ONLY else "")))
+    shell: "python -m stages.tables --params {PARAMS} --tier {TIER}" + ONLY_FLAG

@@ -1,11 +1,12 @@
 # One training job per distinct run (runs/<tier>/<run_id>); the run's first experiment names it.
 # cfg (the params hash) reruns a run when its config changes; code files are inputs.
 rule train:
-    input: f"{DATA}/store/manifest.json", CODE["train"]
+    input: str(D.store_manifest), CODE["train"]
     output:
-        weights="runs/{tier}/{run}/ema.safetensors",
-        manifest="runs/{tier}/{run}/train_manifest.json",
-        live=directory("runs/{tier}/{run}/dvclive"),
-    params: exp=lambda w: RUNS[w.run]["experiment"], cfg=lambda w: RUNS[w.run]["hash"], launch=launch.from_resources
+        weights=str(R.ema),
+        manifest=str(R.train_manifest),
+        live=directory(str(R.dvclive)),
+    params: exp=lambda w: RUNS[w.run].experiment, rep=lambda w: REP[w.run], cfg=lambda w: RUNS[w.run].hash, launch=launch.from_resources
     resources: **RES["train"]
-    shell: "{params.launch} -m stages.train --params {PARAMS} --tier {wildcards.tier} --experiment {params.exp} --no-progress"
+    benchmark: str(layout.benchmark(TIER, "train", "{run}"))
+    shell: "{params.launch} -m stages.train --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress"

@@ -1,4 +1,4 @@
-"""The refstats stage: FID reference statistics (mu, sigma in float64) in data/<tier>/refstats.npz,
+"""Reference statistics for the fid stage (the refstats stage): FID reference statistics (mu, sigma in float64) in data/<tier>/refstats.npz,
 with refstats.json beside it (hashes of the inputs and of the feature-extractor weights).
 
 (a) adm: import `mu`, `sigma` from ADM's reference batch (VIRTUAL_imagenet256_labeled.npz).
@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import manifest
-from .fetch import DataError, download, is_url
-from .raw import load_split, paths, read_index
-from .store import Images, pick_device
+from .. import layout, manifest, runtime
+from ..data.fetch import DataError, local
+from ..data.raw import load_split, read_index
+from ..data.store import Images
 
 log = logging.getLogger(__name__)
 META = "refstats.json"
@@ -59,7 +59,12 @@ def inception_weights(path: str | None) -> Path:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
         p = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
         if not p.exists():
-            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(p), hash_prefix="6726825d")
+            try:
+                torch.hub.download_url_to_file(URL_INCEPTION_V3, str(p), hash_prefix="6726825d")
+            except Exception as e:  # offline: URLError, socket errors, a hash mismatch (RuntimeError)
+                raise DataError(f"Inception weights are not in {p} and cannot be downloaded from {URL_INCEPTION_V3} "
+                                f"({type(e).__name__}: {e}); offline, set data.inception_weights to a local copy "
+                                f"of {os.path.basename(URL_INCEPTION_V3)}") from None
     else:
         p = Path(path)
         if not p.is_file():
@@ -72,14 +77,7 @@ def inception_weights(path: str | None) -> Path:
 
 
 def import_adm(src: str, cache: Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    if is_url(src):
-        path = cache / Path(src).name
-        if not path.exists():
-            download(src, path)
-    else:
-        path = Path(src)
-    if not path.is_file():
-        raise DataError(f"data.refstats_npz = {src!r}: no such file")
+    path = local(src, cache, "data.refstats_npz")
     try:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
@@ -103,10 +101,10 @@ def _to_rgb8(x: torch.Tensor, maxval: int) -> torch.Tensor:
 @torch.inference_mode()
 def compute(cfg) -> tuple[np.ndarray, np.ndarray, dict]:
     from torch_fidelity.utils import create_feature_extractor
-    d, p = cfg.data, paths(cfg)
+    d, p = cfg.data, layout.data(cfg)
     split = load_split(p.raw, d.encode_split)
     weights = inception_weights(d.inception_weights) if d.fid_extractor == "inception-v3-compat" or d.inception_weights else None
-    device = pick_device(d.device)
+    device = runtime.device(d.device, "data.device", DataError)
     kw = {"feature_extractor_weights_path": str(weights)} if weights else {}
     fe = create_feature_extractor(d.fid_extractor, [d.fid_feature], cuda=device.type == "cuda", verbose=False, **kw)
     loader = torch.utils.data.DataLoader(Images(split, d.resolution, d.skip_corrupt), batch_size=d.refstats_batch,
@@ -129,7 +127,7 @@ def compute(cfg) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def refstats(cfg) -> Path:
-    d, p = cfg.data, paths(cfg)
+    d, p = cfg.data, layout.data(cfg)
     out = p.refstats
     if out.exists():
         log.info("%s exists: reference statistics already made", out)

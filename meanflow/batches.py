@@ -1,0 +1,97 @@
+"""What each rank trains on at each step: the store rows of the step's global batch (per-epoch
+permutations) and the objective's draws (t, r, noise, label drop; iMF's guidance conditions), all
+from generators seeded by (train.seed, purpose, step), so a row holds the same values whatever the
+world size and a resumed run draws what an uninterrupted one draws."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data.augment import augment as augment_images
+from .runtime import generator
+
+DATA_CHUNK = 16       # rows of the global batch that share one store generator (world-size independent)
+
+
+class EpochSampler:
+    """Store indices of the global batch of each step: sample positions step*B + j walk through
+    per-epoch permutations drawn from (seed, epoch), so every image is seen once per epoch."""
+
+    def __init__(self, n: int, seed: int):
+        if n == 0:
+            raise ValueError("the store is empty")
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:  # batches straddle at most two epochs
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = torch.randperm(self.n, generator=generator("cpu", self.seed, "epoch", epoch)).numpy()
+        return self._perms[epoch]
+
+    def indices(self, step: int, batch: int) -> np.ndarray:
+        pos = np.arange(step * batch, (step + 1) * batch, dtype=np.int64)
+        epoch, out = pos // self.n, np.empty(batch, np.int64)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            out[sel] = self.perm(int(e))[pos[sel] % self.n]
+        return out
+
+
+@functools.cache
+def _spread(n: int) -> torch.Tensor:
+    """Fixed row order for the (t, r, drop) draws. The official layout puts the r = t and
+    label-dropped rows at the front of the batch; in this order every contiguous block (a rank's
+    slice) gets its share of them (golden-ratio sequence), so ranks do balanced jvp work."""
+    return torch.frac(torch.arange(n, dtype=torch.float64) * 0.6180339887498949).argsort().argsort()
+
+
+@dataclass
+class Rows:
+    """One rank's rows of a step's global batch, with the objective's draws for them."""
+    x: torch.Tensor
+    y: torch.Tensor | None
+    e: torch.Tensor
+    t: torch.Tensor
+    r: torch.Tensor
+    drop: torch.Tensor
+    cond: dict | None = None   # iMF: omega, t_min, t_max per row
+    aug: torch.Tensor | None = None   # EDM augmentation labels (data.augment > 0)
+
+    def draws(self) -> dict:
+        """The objective's keyword draws for these rows (training.step's `draws`)."""
+        aug = {} if self.aug is None else {"aug": self.aug}   # only for objectives of augmented runs
+        return {"e": self.e, "t": self.t, "r": self.r, "drop": self.drop, **(self.cond or {}), **aug}
+
+
+def load_rows(store, sampler, objective, step: int, batch: int, rank: int, world: int, seed: int,
+              device, conditional: bool = True, augment: float = 0.0) -> Rows:
+    """Rows [rank*B/W, (rank+1)*B/W) of step `step`'s global batch. The store's draws (flip,
+    posterior noise) come from one generator per DATA_CHUNK rows of the global batch and the
+    objective's (t, r, noise, label drop) are drawn for the whole batch, so a row holds the same
+    values whatever the world size. With `augment` > 0 (data.augment) each chunk is augmented
+    (data/augment.py) from its own generator (train.seed, "augment", step, chunk)."""
+    lo, hi = rank * batch // world, (rank + 1) * batch // world
+    idx = sampler.indices(step, batch)
+    xs, ys, augs = [], [], []
+    for c in range(lo // DATA_CHUNK, -(-hi // DATA_CHUNK)):
+        a, b = c * DATA_CHUNK, min((c + 1) * DATA_CHUNK, batch)
+        x, y = store.batch(idx[a:b], generator(device, seed, "data", step, c))
+        keep = slice(max(lo, a) - a, min(hi, b) - a)
+        if augment > 0:
+            x, aug = augment_images(x, augment, generator(device, seed, "augment", step, c))
+            augs.append(aug[keep])
+        xs.append(x[keep])
+        ys.append(y[keep])
+    g = generator(device, seed, "objective", step)
+    t, r = objective.sample_t_r(batch, g, device)
+    e = torch.randn((batch, *store.shape), generator=g, device=device)
+    drop = objective.sample_drop(batch, g, device)
+    cond = objective.sample_conditions(t, r, g) if hasattr(objective, "sample_conditions") else None  # iMF
+    order = _spread(batch).to(device)
+    return Rows(torch.cat(xs), torch.cat(ys) if conditional else None, e[lo:hi],
+                t[order][lo:hi], r[order][lo:hi], drop[order][lo:hi],
+                cond and {k: a[order][lo:hi] for k, a in cond.items()}, torch.cat(augs) if augs else None)

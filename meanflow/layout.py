@@ -1,0 +1,105 @@
+"""Every output path of the pipeline, spelled once: data/<tier>/..., runs/<tier>/<run>/...,
+results/<tier>/.... The stages, the Snakemake rules and the dvc.yaml generator all derive their
+paths from here (a rule pattern is the same layout with wildcards for tier and run). No torch:
+the Snakefile imports this module."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+RAW_INDEX = "index.json"
+STORE_MANIFEST = "manifest.json"
+REFSTATS = "refstats.npz"
+FEATURE_NET = "feature_net.safetensors"   # the tiny tier's digits classifier (sample.features = digits)
+EMA, TRAIN_MANIFEST, CKPT_DIR, DVCLIVE = "ema.safetensors", "train_manifest.json", "checkpoints", "dvclive"
+SAMPLES, METRICS = "samples_nfe{}", "metrics_nfe{}.json"
+STORE_SHARD, SAMPLE_SHARD, GRID = "shard-{:05d}.npy", "shard-{:05d}.npz", "grid.png"   # inside store/, samples_nfe{k}/
+TABLE_EXTS = ("md", "csv", "tex")
+PLOTS = ("fid_vs_nfe", "fid_vs_size", "training_curves")
+
+
+class DataPaths(NamedTuple):
+    """data/<tier>: raw/ (acquire), store/ (encode), refstats.npz or feature_net.safetensors."""
+    root: Path
+    raw: Path
+    index: Path
+    downloads: Path
+    store: Path
+    store_manifest: Path
+    refstats: Path
+    feature_net: Path
+
+    @classmethod
+    def at(cls, root: Path) -> "DataPaths":
+        return cls(root, root / "raw", root / "raw" / RAW_INDEX, root / "downloads", root / "store",
+                   root / "store" / STORE_MANIFEST, root / REFSTATS, root / FEATURE_NET)
+
+
+class RunPaths(NamedTuple):
+    """runs/<tier>/<run>: checkpoints/, dvclive/ (plots/ inside), ema.safetensors,
+    train_manifest.json, samples_nfe{k}/ and metrics_nfe{k}.json."""
+    root: Path
+    ema: Path
+    train_manifest: Path
+    checkpoints: Path
+    dvclive: Path
+    live_plots: Path
+
+    @classmethod
+    def at(cls, root: Path) -> "RunPaths":
+        return cls(root, root / EMA, root / TRAIN_MANIFEST, root / CKPT_DIR, root / DVCLIVE, root / DVCLIVE / "plots")
+
+    def samples(self, nfe) -> Path:
+        return self.root / SAMPLES.format(nfe)
+
+    def metrics(self, nfe) -> Path:
+        return self.root / METRICS.format(nfe)
+
+
+class ResultPaths(NamedTuple):
+    """results/<tier>: tables/table_<t>.{md,csv,tex} and tables/manifest.json, plots/<name>.png,
+    grids/, fid.json and fid.csv (DVC's metrics). An explicit table list (`make run-imf`: imf1) writes
+    plots_<names>/, grids_<names>/ and tables/manifest_<names>.json beside the tier's own, so a rerun
+    of one target keeps the other's."""
+    root: Path
+    tables: Path
+    plots: Path
+    grids: Path
+    manifest: Path
+    fid_json: Path   # {table: {row: FID}}: DVC's metrics file (`dvc metrics show`, `dvc exp show`)
+    fid_csv: Path    # table,row,label,fid per row: the data of DVC's FID plot
+
+    @classmethod
+    def at(cls, root: Path, subset: list[str] | None = None) -> "ResultPaths":
+        sub = "" if subset is None else "_" + "+".join(subset)
+        return cls(root, root / "tables", root / f"plots{sub}", root / f"grids{sub}", root / "tables" / f"manifest{sub}.json",
+                   root / f"fid{sub}.json", root / f"fid{sub}.csv")
+
+    def table(self, t, ext: str) -> Path:
+        return self.tables / f"table_{t}.{ext}"
+
+    def plot(self, name: str) -> Path:
+        return self.plots / f"{name}.png"
+
+
+def data(cfg_or_tier, root: str | Path = "data") -> DataPaths:
+    """The data layout of a config (its data.root and tier) or of a tier name under `root`."""
+    if isinstance(cfg_or_tier, str):
+        return DataPaths.at(Path(root) / cfg_or_tier)
+    return DataPaths.at(Path(cfg_or_tier.data.root) / cfg_or_tier.tier)
+
+
+def run(cfg_or_dir) -> RunPaths:
+    """The run layout of a config (cfg.run_dir) or of a run directory (a path or a pattern)."""
+    return RunPaths.at(Path(getattr(cfg_or_dir, "run_dir", cfg_or_dir)))
+
+
+def benchmark(tier: str, rule: str, name: str, root: str | Path = "benchmarks") -> Path:
+    """Snakemake's per-job benchmark file (wall s, cpu_time, max_rss): benchmarks/<tier>/<rule>/<name>.tsv
+    (bench/tiny_tier.py sums them per stage)."""
+    return Path(root) / tier / rule / f"{name}.tsv"
+
+
+def results(tier: str, root: str | Path = "results", subset: list[str] | None = None) -> ResultPaths:
+    """results/<tier>, or the outputs of an explicit table list `subset` (see ResultPaths)."""
+    return ResultPaths.at(Path(root) / tier, subset)

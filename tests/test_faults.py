@@ -1,0 +1,315 @@
+"""Faults and bad inputs across the stage CLIs, table-driven: each case damages a copy of one small
+prepared project (digits data, a trained tiny run, its samples, two result sets), runs the stage as
+a subprocess and asserts the exit code, that stderr has no traceback and names the culprit, and
+that nothing outside the stage's output directory changed (and no temp file is left anywhere).
+Recovered faults (a damaged checkpoint, a deleted or damaged shard) also assert the outputs are
+bitwise those of the undamaged project."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from data_fakes import data_cfg, jpeg_bytes
+from meanflow import config, training
+from meanflow.data import acquire
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+       "MEANFLOW_DEBUG": "", "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}
+STEPS, CKPT = 12, 4
+
+
+def params(w: Path, **over) -> dict:
+    """Paths relative to the project (the stages run in it), so a copy has the same run ids."""
+    tier = {"data": {"dataset": "digits", "resolution": 8, "channels": 1, "input_size": 8, "num_classes": 10,
+                     "vae": None, "flip": False, "root": "data", "device": "cpu", "workers": 0},
+            "model": {"name": "custom", "depth": 1, "hidden": 32, "heads": 2, "patch": 4},
+            "train": {"steps": STEPS, "batch": 16, "lr": 0.001, "ema": 0.9, "ckpt_every": CKPT, "keep_ckpts": 3,
+                      "log_every": 4, "device": "cpu", "runs_root": "runs"},
+            "sample": {"n": 20, "shard_size": 7, "batch": 10, "nfe": [1], "grid": 0, "device": "cpu"}}
+    return {"tier": "t", "tiers": {"t": config.deep_merge(tier, over)}}
+
+
+def write(w: Path, **over) -> Path:
+    (w / "params.yaml").write_text(yaml.safe_dump(params(w, **over)))
+    return w / "params.yaml"
+
+
+def cli(mod: str, *args, cwd=ROOT, timeout=300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"stages.{mod}", *map(str, args)], cwd=cwd, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """data/ (digits acquired and encoded), runs/ (a trained run with 3 checkpoints and its samples)."""
+    w = tmp_path_factory.mktemp("project")
+    p = write(w)
+    acquire(data_cfg(w / "data", dataset="digits", resolution=8, channels=1, input_size=8, num_classes=10,
+                     vae=None, splits=["train"]))
+    for mod in ("encode", "train", "sample"):
+        r = cli(mod, "--params", p, *(["--no-progress"] if mod != "encode" else []), cwd=w)
+        assert r.returncode == 0, r.stderr
+    run = config.load(p).run_dir   # relative: runs/t/<run id>
+    assert [s for s, _ in training.checkpoints(w / run)] == [4, 8, 12]
+    return w, run
+
+
+def result_set(root: Path, fid="6.10") -> Path:
+    t = root / "results" / "t" / "tables"
+    t.mkdir(parents=True)
+    (t / "table_2.csv").write_text("row,setting,paper FID,our FID,NFE,paper epochs,our steps,run\n"
+                                   f"MF-B/4,x,3.43,{fid},1,,10,dit-abc\n")
+    run = root / "runs" / "t" / "dit-abc"
+    run.mkdir(parents=True)
+    (run / "train_manifest.json").write_text(json.dumps({"tier": "t", "params_hash": "abc", "run_id": "dit-abc"}))
+    (root / "params.yaml").write_text("tier: t\n")
+    return root
+
+
+def snapshot(w: Path) -> dict:
+    return {str(p.relative_to(w)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(w.rglob("*")) if p.is_file() or p.is_symlink() and p.exists()}
+
+
+# --------------------------------------------------------------------------- the faults
+# Each: setup(w, run) -> (argv, output dir relative to w or None); expected exit code; what stderr
+# must name. `run` is the trained run's directory relative to w.
+def ckpt(w, run, step=12):
+    return w / run / "checkpoints" / f"step-{step:08d}"
+
+
+def redo_training(w, run):
+    """Make the finished run resumable again: drop its final outputs, keep its checkpoints."""
+    for f in ("ema.safetensors", "train_manifest.json"):
+        (w / run / f).unlink()
+    shutil.rmtree(w / run / "samples_nfe1")
+
+
+def truncate(f: Path, keep=0.5):
+    f.write_bytes(f.read_bytes()[:int(f.stat().st_size * keep)])
+
+
+def p_(w, **over):
+    return write(w, **over)
+
+
+def damaged_ckpt(damage):
+    def setup(w, run):
+        redo_training(w, run)
+        damage(w, run)
+        return ["train", "--params", p_(w), "--no-progress"], run
+    return setup
+
+
+def sample_case(damage, **over):
+    def setup(w, run):
+        damage(w, run)
+        return ["sample", "--params", p_(w, **over), "--no-progress"], run / "samples_nfe1"
+    return setup
+
+
+def with_params(mod, **over):
+    return lambda w, run: ([mod, "--params", p_(w, **over)], None)
+
+
+def params_text(text: bytes, mod="train"):
+    def setup(w, run):
+        (w / "bad.yaml").write_bytes(text)
+        return [mod, "--params", w / "bad.yaml"], None
+    return setup
+
+
+def folder(make, **over):
+    """Folder acquisition of an ImageFolder tree src/ (2 classes x 2 images) after make(src)."""
+    def setup(w, run):
+        src = w / "src"
+        for c, wn in enumerate(("n01", "n02")):
+            (src / "train" / wn).mkdir(parents=True)
+            for k in range(2):
+                (src / "train" / wn / f"{wn}_{k}.JPEG").write_bytes(jpeg_bytes(12, 12, c * 10 + k))
+        make(w, src)
+        over_data = {"dataset": "imagenet", "source": "folder", "source_path": str(src), "resolution": 8,
+                     "splits": ["train"], "root": "imagenet", **over}
+        return ["acquire", "--params", p_(w, data=over_data)], Path("imagenet")
+    return setup
+
+
+def compare_case(damage_a, out="r.md"):
+    def setup(w, run):
+        a, b = result_set(w / "a"), result_set(w / "b")
+        damage_a(w, a)
+        return ["compare", a, b, "--out", w / out], None
+    return setup
+
+
+def csv_(text: bytes):
+    return lambda w, a: (a / "results/t/tables/table_2.csv").write_bytes(text)
+
+
+HEADER = b"row,setting,paper FID,our FID,NFE,paper epochs,our steps,run\n"
+EMPTY = lambda w, run: None  # noqa: E731
+
+CASES = {
+    # params.yaml (any stage; config time, before any job)
+    "lr_nan": (with_params("train", train={"lr": float("nan")}), 1, "train.lr = nan: not a finite number"),
+    "ema_inf": (with_params("sample", train={"ema": float("inf")}), 1, "train.ema = inf: not a finite number"),
+    "t_end_-inf": (with_params("fid", meanflow={"t_end": float("-inf")}), 1, "meanflow.t_end = -inf"),
+    "params_not_utf8": (params_text(b"tier: t\n# \xff\xfe caf\xe9\n"), 1, "bad.yaml: not UTF-8"),
+    "params_is_dir": (lambda w, run: (["train", "--params", w / "data"], None), 1, "is a directory"),
+    "params_missing": (lambda w, run: (["encode", "--params", w / "nope.yaml"], None), 1, "nope.yaml: no such"),
+    "params_bad_yaml": (params_text(b"tier: [t\n"), 1, "bad.yaml: not valid YAML"),
+    "params_not_mapping": (params_text(b"- 1\n- 2\n", "acquire"), 1, "bad.yaml: invalid parameters"),
+    "hidden_vs_heads": (with_params("train", model={"hidden": 30, "heads": 4}), 1,
+                        "model.hidden = 30 is not divisible by model.heads = 4"),
+    "input_vs_patch": (with_params("sample", model={"patch": 3}), 1, "data.input_size = 8 is not divisible by the patch size 3"),
+    "named_model_patch": (with_params("train", model={"name": "MF-B/4"}, data={"input_size": 6, "resolution": 6}), 1,
+                          "patch size 4 (model.name = 'MF-B/4')"),
+    "resolution_vs_vae": (with_params("encode", data={"vae": "stabilityai/sd-vae-ft-ema", "resolution": 20, "channels": 4}),
+                          1, "data.resolution = 20 is not data.input_size = 8 times a VAE downsampling factor"),
+    "schema_negative_steps": (with_params("train", train={"steps": -1}), 1, "train.steps"),
+    "unknown_tier": (lambda w, run: (["refstats", "--params", p_(w), "--tier", "zz"], None), 1, "tier 'zz' not in tiers"),
+    # checkpoints (recovered: resume from the newest intact one, bitwise as uninterrupted)
+    "ckpt_model_truncated": (damaged_ckpt(lambda w, run: truncate(ckpt(w, run) / "model.safetensors")), 0,
+                             "step-00000012 is damaged: model.safetensors"),
+    "ckpt_ema_empty": (damaged_ckpt(lambda w, run: (ckpt(w, run) / "ema.safetensors").write_bytes(b"")), 0,
+                       "step-00000012 is damaged: ema.safetensors"),
+    "ckpt_state_truncated": (damaged_ckpt(lambda w, run: truncate(ckpt(w, run) / "state.pt", 0.3)), 0,
+                             "step-00000012 is damaged: state.pt"),
+    "ckpt_state_foreign": (damaged_ckpt(lambda w, run: torch.save({"step": 3, "x": torch.zeros(2)}, ckpt(w, run) / "state.pt")),
+                           0, "step-00000012 is damaged: state.pt"),
+    "ckpt_two_damaged_no_hashes": (damaged_ckpt(lambda w, run: [((ckpt(w, run, s) / "hashes.json").unlink(),
+                                                                  truncate(ckpt(w, run, s) / "state.pt"))
+                                                                 for s in (8, 12)]), 0,
+                                   "step-00000008 is damaged: does not load"),
+    "ckpt_none_intact": (damaged_ckpt(lambda w, run: [truncate(ckpt(w, run, s) / "model.safetensors") for s in (4, 8, 12)]),
+                         1, "no intact checkpoint to resume from"),
+    # the sample stage: plan and shards checked on every call
+    "ema_truncated_at_sampling": (sample_case(lambda w, run: (shutil.rmtree(w / run / "samples_nfe1"),
+                                                              truncate(w / run / "ema.safetensors"))),
+                                  1, "ema.safetensors: damaged weights file"),
+    "shard_deleted_after_manifest": (sample_case(lambda w, run: (w / run / "samples_nfe1/shard-00001.npz").unlink()),
+                                     0, "shard-00001.npz: missing or damaged"),
+    "shard_corrupted_after_manifest": (sample_case(lambda w, run: truncate(w / run / "samples_nfe1/shard-00002.npz")),
+                                       0, "shard-00002.npz: missing or damaged"),
+    "sample_seed_changed": (sample_case(EMPTY, sample={"seed": 7}), 1, "(seed); delete"),
+    "sample_n_changed": (sample_case(EMPTY, sample={"n": 30}), 1, "(n); delete"),
+    "sample_plan_garbage": (sample_case(lambda w, run: (w / run / "samples_nfe1/plan.json").write_text("{oops")),
+                            1, "plan.json: damaged"),
+    "store_shard_deleted_after_manifest": (lambda w, run: ((w / "data/t/store/shard-00000.npy").unlink(),
+                                                           (["encode", "--params", p_(w)], Path("data/t/store")))[1],
+                                           0, "shard-00000.npy: missing or damaged"),
+    # other stages' inputs (the generic guard: one line naming the file)
+    "store_manifest_garbage": (lambda w, run: ((w / "data/t/store/manifest.json").write_bytes(b"\x00\xffnot json"),
+                                               (["train", "--params", p_(w, train={"seed": 5})], None))[1],
+                               1, "store/manifest.json"),
+    "raw_index_not_utf8": (lambda w, run: ((w / "data/t/raw/index.json").write_bytes(b"{\"a\": \"\xff\"}"),
+                                           (["refstats", "--params", p_(w, data={"fid_extractor": "inception-v3-compat",
+                                                                                 "inception_weights": None})], None))[1],
+                           1, "index.json"),
+    "refstats_offline_no_inception": (lambda w, run: (["refstats", "--params",
+                                                       p_(w, data={"fid_extractor": "inception-v3-compat"})], None),
+                                      1, "set data.inception_weights"),
+    "inception_weights_missing": (lambda w, run: (["refstats", "--params", p_(w, data={"inception_weights": str(w / "no.pth")})],
+                                                  None), 1, "no.pth"),
+    # folder acquisition
+    "folder_symlink_outside": (folder(lambda w, src: (src / "train/n01/x.JPEG").symlink_to(w / "params.yaml")), 1,
+                               "x.JPEG: a link to"),
+    "folder_zero_byte": (folder(lambda w, src: (src / "train/n02/z.JPEG").write_bytes(b"")), 1, "z.JPEG: zero bytes"),
+    "folder_undecodable": (folder(lambda w, src: (src / "train/n02/u.JPEG").write_bytes(b"\x00garbage" * 40)), 1,
+                           "u.JPEG: not a readable image"),
+    "folder_empty_class": (folder(lambda w, src: (src / "train/n03").mkdir()), 1, "without usable images: n03"),
+    "folder_tab_in_name": (folder(lambda w, src: (src / "train/n01/a\tb.JPEG").write_bytes(jpeg_bytes(12, 12, 3))),
+                           1, "tabs or newlines"),
+    "folder_skip_lists": (folder(lambda w, src: (src / "train/n02/z.JPEG").write_bytes(b""), skip_corrupt=True), 0, "z.JPEG"),
+    # compare and export
+    "compare_csv_not_utf8": (compare_case(csv_(HEADER + b"MF-B/4,x\xff,3.43,6.1,1,,10,r\n")), 2, "table_2.csv is not UTF-8"),
+    "compare_csv_missing_column": (compare_case(csv_(b"row,NFE\nMF-B/4,1\n")), 2, "lacks the column(s) 'our FID'"),
+    "compare_csv_short_row": (compare_case(csv_(HEADER + b"MF-B/4,x,3.43\n")), 2, "table_2.csv line 2"),
+    "compare_csv_fid_not_number": (compare_case(csv_(HEADER + b"MF-B/4,x,3.43,six,1,,10,r\n")), 2, "our FID = 'six'"),
+    "compare_manifest_not_utf8": (compare_case(lambda w, a: (a / "runs/t/dit-abc/train_manifest.json").write_bytes(b"\xff{}")),
+                                  2, "train_manifest.json is not UTF-8"),
+    "compare_manifest_bad_json": (compare_case(lambda w, a: (a / "runs/t/dit-abc/train_manifest.json").write_text("{")),
+                                  2, "train_manifest.json is not readable"),
+    "compare_params_not_utf8": (compare_case(lambda w, a: (a / "params.yaml").write_bytes(b"tier: \xff\n")), 2,
+                                "params.yaml is not UTF-8"),
+    "compare_out_is_dir": (compare_case(EMPTY, out="a"), 2, "is a directory"),
+    "compare_bundle_garbage": (lambda w, run: ((w / "x.tar.gz").write_bytes(b"not a tar"),
+                                               (["compare", w / "x.tar.gz", result_set(w / "b"), "--out", w / "r.md"],
+                                                None))[1], 2, "x.tar.gz: not a readable bundle"),
+    "export_out_is_dir": (lambda w, run: (["export", "--tier", "t", "--root", result_set(w / "a"), "--out", w / "a"], None),
+                          2, "is a directory"),
+    "export_params_not_utf8": (lambda w, run: (((result_set(w / "a") / "params.yaml").write_bytes(b"\xfe\xff")),
+                                               ["export", "--tier", "t", "--root", w / "a", "--out", w / "o.tgz"], None)[1:],
+                               2, "params.yaml: not readable YAML"),
+}
+
+
+def fresh(project, w: Path) -> Path:
+    src, run = project
+    shutil.copytree(src, w, dirs_exist_ok=True, symlinks=True)
+    return run
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fault(name, project, tmp_path):
+    setup, code, culprit = CASES[name]
+    w = tmp_path / "w"
+    run = fresh(project, w)
+    argv, out = setup(w, run)
+    out = w / out if out is not None else None
+    before = snapshot(w)
+    r = cli(*argv, cwd=w, env={"TORCH_HOME": str(tmp_path / "torch-home")})  # no Inception weights cached
+    after = snapshot(w)
+    assert r.returncode == code, f"{name}: exit {r.returncode}\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr, r.stderr
+    assert culprit in r.stderr, f"{name}: {culprit!r} not in\n{r.stderr[-3000:]}"
+    if code:
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1, r.stderr
+    outside = lambda snap: {k: v for k, v in snap.items()  # noqa: E731
+                            if out is None or not (w / k).is_relative_to(out)}
+    assert outside(after) == outside(before), f"{name}: files outside {out} changed"
+    assert not [k for k in after if k.endswith(".tmp") or "/.tmp-" in k], f"{name}: temp files left"
+    ref = project[0]
+    if name.startswith("ckpt_") and code == 0:   # resumed from an older intact checkpoint: bitwise equal
+        for f in ("ema.safetensors", "checkpoints/step-00000012/model.safetensors"):
+            assert (w / run / f).read_bytes() == (ref / run / f).read_bytes(), f
+        assert list((w / run / "checkpoints").glob("*.damaged"))
+    if name.startswith(("shard_", "store_shard")):                 # the shard remade, identically
+        d = "data/t/store" if name.startswith("store") else run / "samples_nfe1"
+        for f in (ref / d).glob("shard-*.np*"):
+            assert (w / d / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_enough_cases():
+    assert len(CASES) >= 30
+
+
+def test_sigint_checkpoints_and_exits_130(project, tmp_path):
+    w = tmp_path / "w"
+    run = fresh(project, w)
+    redo_training(w, run)
+    shutil.rmtree(w / run / "checkpoints")
+    params = p_(w, train={"steps": 400})
+    rd = w / config.load(params).run_dir
+    p = subprocess.Popen([sys.executable, "-m", "stages.train", "--params", params, "--no-progress"],
+                         cwd=w, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not training.checkpoints(rd) and time.time() - t0 < 120 and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == training.EXIT_INTERRUPTED == 130, err
+    assert "Traceback" not in err and "interrupted: checkpoint of step" in err
+    step = int(err.split("interrupted: checkpoint of step ")[1].split()[0])
+    assert training.checkpoints(rd)[-1][0] == step < 400 and not (rd / "ema.safetensors").exists()

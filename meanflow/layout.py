@@ -16,6 +16,7 @@ SAMPLES, METRICS = "samples_nfe{}", "metrics_nfe{}.json"
 STORE_SHARD, SAMPLE_SHARD, GRID = "shard-{:05d}.npy", "shard-{:05d}.npz", "grid.png"   # inside store/, samples_nfe{k}/
 TABLE_EXTS = ("md", "csv", "tex")
 PLOTS = ("fid_vs_nfe", "fid_vs_size", "training_curves")
+LOGS = "logs"   # logs/<tier>/<stage>.log, logs/<tier>/<stage>/<run>.log: each Snakemake job's stdout + stderr
 
 
 class DataPaths(NamedTuple):
@@ -84,6 +85,11 @@ def data(cfg_or_tier, root: str | Path = "data") -> DataPaths:
 def run(cfg_or_dir) -> RunPaths:
     """The run layout of a config (cfg.run_dir) or of a run directory (a path or a pattern)."""
     return RunPaths.at(Path(getattr(cfg_or_dir, "run_dir", cfg_or_dir)))
+
+
+def log(tier: str, stage: str, run: str | None = None, root: str | Path = LOGS) -> Path:
+    """The log of a tier stage (acquire, encode, refstats, features, tables) or of a run's stage."""
+    return Path(root) / tier / (f"{stage}.log" if run is None else f"{stage}/{run}.log")
 
 
 def results(tier: str, root: str | Path = "results") -> ResultPaths:

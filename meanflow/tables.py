@@ -9,7 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
-from meanflow import config, layout
+from meanflow import config, labels, layout
 from meanflow.plan import Plan
 
 # The tables' columns (compare.py reads the CSVs back by these names).
@@ -49,10 +49,16 @@ def frame(plan: Plan, table: str, paper: dict):
     recs = []
     for r in (r for r in plan.rows if r.table == table):
         p = paper.get((r.table, r.row), {})
-        recs.append({ROW: r.row, SETTING: p.get("setting", r.experiment), PAPER_FID: p.get("fid", ""),
+        recs.append({ROW: r.row, SETTING: setting(plan, r, p.get("setting", r.experiment)), PAPER_FID: p.get("fid", ""),
                      OUR_FID: _fid(r.paths, r.nfe), NFE: r.nfe, PAPER_EPOCHS: p.get("epochs", ""),
                      OUR_STEPS: _steps(r.paths) or r.cfg.train.steps, RUN: r.run_id})
     return pd.DataFrame(recs, columns=COLUMNS, dtype=object)
+
+
+def setting(plan: Plan, r, label: str) -> str:
+    """The row's label, marked with the keys where its config is no longer the paper setting."""
+    diff = labels.differences(plan.params, r.cfg)
+    return f"{label} {labels.MARK}edited: {labels.note(diff)}" if diff else label
 
 
 def write(df, base: Path, title: str) -> None:

@@ -55,7 +55,7 @@ def dry_jobs(cwd, tier):
         if not m or m.group(1) == "all":
             continue
         outs = re.search(r"^    output: (.*)$", block, re.M).group(1).split(", ")
-        cmd = re.search(r"^(?:Shell command: )?((?:python|torchrun) .*-m stages\..*)$", block, re.M)
+        cmd = re.search(r"^(?:Shell command: )?((?:python|torchrun) .*-m stages\..*?)(?: > \S+ 2>&1)?$", block, re.M)
         jobs.append((m.group(1), outs, cmd and cmd.group(1).strip()))
     return jobs
 

@@ -3,6 +3,10 @@
 # Every path comes from meanflow.layout (through the plan); {run} is the run wildcard.
 from meanflow import config as mfconfig, launch, layout, plan as mfplan
 
+CONFIG_KEYS = {"tier": "the tier to run (params.yaml's tiers)", "params": "the parameters file (default params.yaml)"}
+if set(config) - set(CONFIG_KEYS):   # `--config teir=imagenet` would silently run the default tier
+    raise WorkflowError(f"unknown --config key(s) {', '.join(sorted(set(config) - set(CONFIG_KEYS)))}; "
+                        "allowed: " + "; ".join(f"{k} ({v})" for k, v in CONFIG_KEYS.items()))
 PARAMS = config.get("params", "params.yaml")
 try:
     P = mfconfig.load_params(PARAMS)

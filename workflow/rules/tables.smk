@@ -8,4 +8,5 @@ rule tables:
         report([str(OUT.plot(p)) for p in layout.PLOTS], category="Plots"),
         report(directory(str(OUT.grids)), patterns=["{name}.png"], category="Sample grids"),
     params: plan=PLAN.hash()
-    shell: "python -m stages.tables --params {PARAMS} --tier {TIER}"
+    log: str(layout.log(TIER, "tables"))
+    shell: "python -m stages.tables --params {PARAMS} --tier {TIER} > {log} 2>&1"

@@ -8,4 +8,5 @@ rule train:
         live=directory(str(R.dvclive)),
     params: exp=lambda w: RUNS[w.run].experiment, cfg=lambda w: RUNS[w.run].hash, launch=launch.from_resources
     resources: **RES["train"]
-    shell: "{params.launch} -m stages.train --params {PARAMS} --tier {TIER} --experiment {params.exp} --no-progress"
+    log: str(layout.log(TIER, "train", "{run}"))
+    shell: "{params.launch} -m stages.train --params {PARAMS} --tier {TIER} --experiment {params.exp} --no-progress > {log} 2>&1"

@@ -58,18 +58,24 @@ class RunPaths(NamedTuple):
 
 
 class ResultPaths(NamedTuple):
-    """results/<tier>: tables/table_<t>.{md,csv,tex}, plots/<name>.png, grids/."""
+    """results/<tier>: tables/table_<t>.{md,csv,tex}, plots/<name>.png, grids/, report/table_<t>.{html,rst}
+    (the report's rendered tables and captions), logs/ (the jobs' logs, copied for the report)."""
     root: Path
     tables: Path
     plots: Path
     grids: Path
+    report: Path
+    logs: Path
 
     @classmethod
     def at(cls, root: Path) -> "ResultPaths":
-        return cls(root, root / "tables", root / "plots", root / "grids")
+        return cls(root, root / "tables", root / "plots", root / "grids", root / "report", root / "logs")
 
     def table(self, t, ext: str) -> Path:
         return self.tables / f"table_{t}.{ext}"
+
+    def report_table(self, t, ext: str = "html") -> Path:
+        return self.report / f"table_{t}.{ext}"
 
     def plot(self, name: str) -> Path:
         return self.plots / f"{name}.png"

@@ -9,7 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
-from meanflow import config, labels, layout
+from meanflow import config, labels, layout, report
 from meanflow.plan import Plan
 
 # The tables' columns (compare.py reads the CSVs back by these names).
@@ -88,67 +88,154 @@ def build(params: dict, tier: str, out: str | Path = "results") -> Path:
         d.mkdir(parents=True, exist_ok=True)
     paper = _paper(config.ROOT / plan.paper)
     for table in dict.fromkeys(r.table for r in plan.rows):
-        write(frame(plan, table, paper), res.tables / f"table_{table}", f"Table {table} ({tier} tier)")
+        df = frame(plan, table, paper)
+        write(df, res.tables / f"table_{table}", f"Table {table} ({tier} tier)")
+        edited = {r.row: labels.note(d) for r in plan.rows if r.table == table and (d := labels.differences(params, r.cfg))}
+        report.write(df, res.report / f"table_{table}", report.caption(
+            df, table, tier, plan.base, edited, {"row": ROW, "paper": PAPER_FID, "ours": OUR_FID}))
     _plots(plan, res)
     _grids(plan.rows, res.grids)
+    _logs(tier, res.logs)
     from meanflow import manifest   # here: manifest imports torch
     inputs = {str(p): manifest.file_hash(p) for r in plan.rows if (p := r.paths.metrics(r.nfe)).exists()}
     manifest.write_json(res.tables / "manifest.json", manifest.stamp(tier=tier, plan_hash=plan.hash(), inputs=inputs))
     return res.root
 
 
+def grid_name(r) -> str:
+    """grids/table_<t>_<row>_nfe<k>.png: a grid says the NFE it was sampled with."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", f"table_{r.table}_{r.row}") + f"_nfe{r.nfe}.png"
+
+
 def _grids(rows, out: Path):
-    """Each row's sample grid (samples_nfe{k}/grid.png of its run) as grids/table_<t>_<row>.png."""
+    """Each row's sample grid (samples_nfe{k}/grid.png of its run) as grids/<grid_name>."""
     out.mkdir(parents=True, exist_ok=True)
     for r in rows:
         src = r.paths.samples(r.nfe) / layout.GRID
         if src.exists():
-            name = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"table_{r.table}_{r.row}")
-            shutil.copyfile(src, out / f"{name}.png")
+            shutil.copyfile(src, out / grid_name(r))
+
+
+def _logs(tier: str, out: Path):
+    """The jobs' logs (logs/<tier>/<stage>[/<run>].log) as logs/<stage>[_<run>].log, for the report;
+    this job's own log is still being written and is left out."""
+    out.mkdir(parents=True, exist_ok=True)
+    src = layout.log(tier, "x").parent
+    for f in sorted(src.rglob("*.log")) if src.is_dir() else []:
+        rel = f.relative_to(src)
+        if rel != Path("tables.log"):
+            shutil.copyfile(f, out / "_".join(rel.parts))
 
 
 def _plots(plan: Plan, res: layout.ResultPaths):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tier = plan.tier
+    name = report.metric_of(plan.base)[0]
+    for fn in (_plot_fid_vs_nfe, _plot_fid_vs_size, _plot_training_curves):
+        fig = fn(plan, name, plt)
+        fig.savefig(res.plot(fn.__name__.removeprefix("_plot_")), dpi=110, bbox_inches="tight")
+        plt.close(fig)
 
-    # FID against NFE, one line per run
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for run in plan.runs.values():
-        fids = [_fid(layout.run(run.cfg), k) for k in run.nfe]
-        if any(f is not None for f in fids):
-            ax.plot(run.nfe, [f if f is not None else float("nan") for f in fids], marker="o", label=run.experiment)
-    ax.set(xlabel="NFE", ylabel="FID", title=f"FID vs NFE ({tier})")
-    if ax.lines:
-        ax.legend(fontsize=5, ncol=2)
-    fig.tight_layout(); fig.savefig(res.plot("fid_vs_nfe"), dpi=120); plt.close(fig)
 
-    # FID against model size (Table 2 rows at 1 NFE)
-    fig, ax = plt.subplots(figsize=(5, 4))
+def _panels(plt, n: int, w: float = 3.2, h: float = 2.6):
+    cols = min(3, max(n, 1))
+    rows = -(-max(n, 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n]) or [axes.flat[0]]
+
+
+def _plot_fid_vs_nfe(plan: Plan, name: str, plt):
+    """One panel per table, a line per row's run over the NFEs it was sampled at; integer NFE ticks;
+    log y (one diverged row would flatten the rest on a linear axis)."""
+    tables = list(dict.fromkeys(r.table for r in plan.rows))
+    fig, axes = _panels(plt, len(tables))
+    for ax, table in zip(axes, tables):
+        seen = set()
+        for r in (r for r in plan.rows if r.table == table):
+            if r.run_id in seen:
+                continue
+            seen.add(r.run_id)
+            nfe = list(r.cfg.sample.nfe)
+            ys = [_fid(r.paths, k) for k in nfe]
+            if any(y is not None for y in ys):
+                ax.plot(nfe, [y if y is not None else float("nan") for y in ys], marker="o", ms=3, lw=1,
+                        label=r.row.removesuffix("-2nfe"))
+        ax.set_title(f"Table {table}", fontsize=9)
+        ax.set_xticks(sorted({k for r in plan.rows if r.table == table for k in r.cfg.sample.nfe}))
+        ax.set_xlabel("NFE", fontsize=8)
+        ax.set_ylabel(f"{name} (log)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if ax.lines:
+            ax.set_yscale("log")
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(f"{name} vs NFE per table ({plan.tier} tier; lower is better)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_fid_vs_size(plan: Plan, name: str, plt):
+    """Table 2 rows at 1 NFE against the network's parameter count proxy (depth x hidden^2 on tiny)."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
     pts = []
     for r in plan.rows:
         if r.table == "2" and r.nfe == 1:
             m = r.cfg.model
-            size = str((m.depth or 0) * (m.hidden or 0) ** 2) if m.name == "custom" else r.experiment
-            pts.append((size, _fid(r.paths, 1)))
-    if pts:
-        ax.plot([p[0] for p in pts], [p[1] if p[1] is not None else float("nan") for p in pts], marker="o")
-    ax.set(xlabel="model (depth x hidden^2 on tiny)", ylabel="FID @1 NFE", title=f"FID vs model size ({tier})")
-    fig.tight_layout(); fig.savefig(res.plot("fid_vs_size"), dpi=120); plt.close(fig)
+            pts.append((r.row, (m.depth or 0) * (m.hidden or 0) ** 2 if m.name == "custom" else None, _fid(r.paths, 1)))
+    pts = [p for p in pts if p[2] is not None]
+    if pts and all(p[1] for p in pts):
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o")
+        for row, x, y in pts:
+            ax.annotate(row, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("depth x hidden^2 (tiny-tier size proxy)")
+    elif pts:
+        ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o")
+        ax.set_xlabel("model")
+    else:
+        ax.text(0.5, 0.5, "no Table 2 row measured", ha="center", va="center", transform=ax.transAxes)
+    ax.set(ylabel=f"{name} @ 1 NFE", title=f"{name} vs model size, Table 2 ({plan.tier} tier)")
+    fig.tight_layout()
+    return fig
 
-    # training curves from dvclive (plots/metrics/*.tsv)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for run in plan.runs.values():
-        tsvs = sorted((layout.run(run.cfg).live_plots / "metrics").rglob("*.tsv"))
-        tsv = next((t for t in tsvs if "loss" in t.stem), None)
-        if tsv:
-            with open(tsv) as f:
-                rec = list(csv.DictReader(f, delimiter="\t"))
-            if rec:
-                k = [c for c in rec[0] if c not in ("step", "timestamp")][0]
-                ax.plot([float(x["step"]) for x in rec], [float(x[k]) for x in rec], lw=0.7, label=run.experiment)
-    ax.set(xlabel="step", ylabel="loss", title=f"training curves ({tier})", yscale="log" if ax.lines else "linear")
-    if ax.lines:
-        ax.legend(fontsize=5, ncol=2)
-    fig.tight_layout(); fig.savefig(res.plot("training_curves"), dpi=120); plt.close(fig)
+
+def _loss_curve(run_paths: layout.RunPaths, metric: str = "loss_unweighted"):
+    """(steps, values) of a DVCLive train metric, or None."""
+    tsv = run_paths.live_plots / "metrics" / "train" / f"{metric}.tsv"
+    if not tsv.exists():
+        return None
+    with open(tsv) as f:
+        rec = list(csv.DictReader(f, delimiter="\t"))
+    return ([float(x["step"]) for x in rec], [float(x[metric]) for x in rec]) if rec else None
+
+
+def _plot_training_curves(plan: Plan, name: str, plt):
+    """One panel per table: the unweighted squared error (the adaptive-weighted loss sits near 1 by
+    construction), raw (thin) and an exponential moving average (thick), log y; legend beside."""
+    tables = list(dict.fromkeys(r.table for r in plan.rows))
+    fig, axes = _panels(plt, len(tables))
+    for ax, table in zip(axes, tables):
+        seen = set()
+        for r in (r for r in plan.rows if r.table == table):
+            curve = None if r.run_id in seen else _loss_curve(r.paths)
+            seen.add(r.run_id)
+            if curve:
+                steps, ys = curve
+                smooth, acc = [], ys[0]
+                for y in ys:
+                    acc = 0.8 * acc + 0.2 * y
+                    smooth.append(acc)
+                line, = ax.plot(steps, smooth, lw=1.2, label=r.row)
+                ax.plot(steps, ys, lw=0.4, alpha=0.35, color=line.get_color())
+        ax.set_title(f"Table {table}", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylabel("||u - u_tgt||^2 (unweighted)", fontsize=7)
+        ax.tick_params(labelsize=7)
+        if ax.lines:
+            ax.set_yscale("log")
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(f"training: unweighted squared error, EMA-smoothed ({plan.tier} tier)", fontsize=10)
+    fig.tight_layout()
+    return fig

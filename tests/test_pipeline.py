@@ -201,7 +201,7 @@ def test_tables_rows_values_and_grids(params, tmp_path, monkeypatch):
     got = {x["row"]: x["our FID"] for x in recs}
     assert got["ratio_0"] == "41.5" and got["ratio_25"] == "7.25" and got["ratio_50"] == ""
     assert [x["paper FID"] for x in recs][:2] == ["328.91", "61.06"]
-    assert (root / "grids" / "table_1a_ratio_0.png").read_bytes() == b"png ratio_0"
+    assert (root / "grids" / "table_1a_ratio_0_nfe1.png").read_bytes() == b"png ratio_0"
     md = (root / "tables" / "table_1a.md").read_text().splitlines()
     assert md[:4] == ["# Table 1a (tiny tier)", "", "| row | setting | paper FID | our FID | NFE | paper epochs | "
                       "our steps | run |", "|---|---|---|---|---|---|---|---|"]
@@ -214,4 +214,4 @@ def test_tables_rows_values_and_grids(params, tmp_path, monkeypatch):
     assert tex.endswith("\\bottomrule\n\\end{tabular}\n")
     raw = (root / "tables" / "table_1a.csv").read_bytes()
     assert raw.startswith(b"row,setting,paper FID,our FID,NFE,paper epochs,our steps,run\r\nratio_0,")
-    assert not (root / "grids" / "table_1a_ratio_50.png").exists()
+    assert not (root / "grids" / "table_1a_ratio_50_nfe1.png").exists()

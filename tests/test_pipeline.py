@@ -178,6 +178,19 @@ def test_second_run_does_nothing(done_repo):
     assert time.perf_counter() - t < 15
 
 
+def test_every_job_wrote_its_log(done_repo):
+    """Each rule's `log:` (logs/<tier>/<stage>[/<run>].log) exists after the run, and the tables job
+    copied the others into results/<tier>/logs for the report."""
+    P = config.load_params(done_repo / "params.yaml")
+    runs = plan.Plan(P, "tiny").runs
+    logs = done_repo / "logs" / "tiny"
+    want = {f"{s}.log" for s in ("acquire", "encode", "features", "tables")} | \
+        {f"{s}/{r}.log" for s in ("train", "sample", "fid") for r in runs}
+    assert {str(f.relative_to(logs)) for f in logs.rglob("*.log")} == want
+    copied = {f.name for f in (done_repo / "results" / "tiny" / "logs").glob("*.log")}
+    assert copied == {w.replace("/", "_") for w in want} - {"tables.log"}
+
+
 def test_one_value_change_reruns_one_chain(done_repo):
     p = done_repo / "params.yaml"
     p.write_text(p.read_text().replace("p_1p5: {meanflow: {p: 1.5}}", "p_1p5: {meanflow: {p: 1.6}}"))

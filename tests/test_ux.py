@@ -143,3 +143,27 @@ def test_every_option_has_help_and_the_usage_names_the_module(stage, monkeypatch
     tier = [a for a in p._actions if a.dest == "tier"]
     if tier:
         assert "tiny, cifar10, imagenet" in tier[0].help
+
+
+def test_site_example_is_a_valid_imagenet_tier():
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tiers"]["imagenet"] = yaml.safe_load((ROOT / "workflow" / "site.example.yaml").read_text())["tiers"]["imagenet"]
+    cfg = config.resolve(params, "imagenet", "p_1p5")
+    assert cfg.data.source == "tars" and str(cfg.run_dir).startswith("/scratch/me/meanflow/runs/imagenet/")
+    assert labels.differences(params, cfg) == {}   # site keys are not part of a row's setting
+
+
+def test_clean_lists_then_deletes_only_unreferenced_runs(tmp_path, capsys):
+    from stages import clean
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tiers"]["tiny"]["train"]["runs_root"] = str(tmp_path / "runs")
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(params))
+    live = Path(plan.Plan(params, "tiny").rows[0].run_dir)
+    stale = tmp_path / "runs" / "tiny" / "dit-old-00000000"
+    for d in (live, stale):
+        d.mkdir(parents=True)
+    clean.main(["--params", str(p), "--tier", "tiny"])
+    assert f"unreferenced: {stale}" in capsys.readouterr().out and stale.exists()
+    clean.main(["--params", str(p), "--tier", "tiny", "--delete"])
+    assert not stale.exists() and live.exists()

@@ -32,13 +32,14 @@ def metric_of(base_cfg) -> tuple[str, str]:
 def _num(x):
     """A cell's value: a number, or the leading number of a text cell ("7.25 ± 0.3")."""
     try:
-        return float(str(x).split()[0])
+        v = float(str(x).split()[0])
     except (TypeError, ValueError, IndexError):
         return None
+    return None if v != v else v   # NaN: not measured
 
 
 def _extremes(df, col: str, row: str) -> tuple[str, str] | None:
-    vals = [(v, r) for r, v in zip(df[row], df[col].map(_num)) if v is not None]
+    vals = [(v, r) for r, v in zip(df[row], (_num(x) for x in df[col])) if v is not None]
     if not vals:
         return None
     lo, hi = min(vals), max(vals)

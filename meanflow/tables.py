@@ -147,9 +147,20 @@ def _panels(plt, n: int, w: float = 3.2, h: float = 2.6):
     return fig, list(axes.flat[:n]) or [axes.flat[0]]
 
 
+def _y_axis(ax):
+    """Log y when the values span more than 20x (one diverged row would flatten the rest), with plain
+    numbers as labels; linear otherwise."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    ys = [y for line in ax.lines for y in line.get_ydata() if y == y and y > 0]
+    if ys and max(ys) / min(ys) > 20:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _plot_fid_vs_nfe(plan: Plan, name: str, plt):
     """One panel per table, a line per row's run over the NFEs it was sampled at; integer NFE ticks;
-    log y (one diverged row would flatten the rest on a linear axis)."""
+    y in the metric's own name, log when the rows span more than 20x."""
     tables = list(dict.fromkeys(r.table for r in plan.rows))
     fig, axes = _panels(plt, len(tables))
     for ax, table in zip(axes, tables):
@@ -166,10 +177,10 @@ def _plot_fid_vs_nfe(plan: Plan, name: str, plt):
         ax.set_title(f"Table {table}", fontsize=9)
         ax.set_xticks(sorted({k for r in plan.rows if r.table == table for k in r.cfg.sample.nfe}))
         ax.set_xlabel("NFE", fontsize=8)
-        ax.set_ylabel(f"{name} (log)", fontsize=8)
+        ax.set_ylabel(name, fontsize=8)
         ax.tick_params(labelsize=7)
         if ax.lines:
-            ax.set_yscale("log")
+            _y_axis(ax)
             ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.suptitle(f"{name} vs NFE per table ({plan.tier} tier; lower is better)", fontsize=10)
     fig.tight_layout()
@@ -213,7 +224,7 @@ def _loss_curve(run_paths: layout.RunPaths, metric: str = "loss_unweighted"):
 
 def _plot_training_curves(plan: Plan, name: str, plt):
     """One panel per table: the unweighted squared error (the adaptive-weighted loss sits near 1 by
-    construction), raw (thin) and an exponential moving average (thick), log y; legend beside."""
+    construction), raw (thin) and a centred rolling mean (thick); legend beside."""
     tables = list(dict.fromkeys(r.table for r in plan.rows))
     fig, axes = _panels(plt, len(tables))
     for ax, table in zip(axes, tables):
@@ -223,10 +234,8 @@ def _plot_training_curves(plan: Plan, name: str, plt):
             seen.add(r.run_id)
             if curve:
                 steps, ys = curve
-                smooth, acc = [], ys[0]
-                for y in ys:
-                    acc = 0.8 * acc + 0.2 * y
-                    smooth.append(acc)
+                import pandas as pd   # a centred rolling mean: no lag, unlike an EMA
+                smooth = pd.Series(ys).rolling(max(1, len(ys) // 8), center=True, min_periods=1).mean()
                 line, = ax.plot(steps, smooth, lw=1.2, label=r.row)
                 ax.plot(steps, ys, lw=0.4, alpha=0.35, color=line.get_color())
         ax.set_title(f"Table {table}", fontsize=9)
@@ -234,8 +243,8 @@ def _plot_training_curves(plan: Plan, name: str, plt):
         ax.set_ylabel("||u - u_tgt||^2 (unweighted)", fontsize=7)
         ax.tick_params(labelsize=7)
         if ax.lines:
-            ax.set_yscale("log")
+            _y_axis(ax)
             ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.suptitle(f"training: unweighted squared error, EMA-smoothed ({plan.tier} tier)", fontsize=10)
+    fig.suptitle(f"training: unweighted squared error, thick = rolling mean ({plan.tier} tier)", fontsize=10)
     fig.tight_layout()
     return fig

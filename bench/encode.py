@@ -67,10 +67,16 @@ def stage(cfg, root: Path) -> float:
     return time.perf_counter() - t
 
 
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def bare(vae, x: torch.Tensor, batch: int) -> float:
     t = time.perf_counter()
     for i in range(0, len(x), batch):
-        vaemod.encode_pair(vae, x[i:i + batch])
+        vaemod.encode_pair(vae, x[i:i + batch].to(vae.device))
+    _sync(vae.device)
     return time.perf_counter() - t
 
 
@@ -80,9 +86,9 @@ def per_image(vae, files, resolution: int) -> float:
     out = []
     for f in files:
         arr = center_crop_arr(load_rgb(f), resolution)
-        x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
+        x = (torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1).to(vae.device)
         p0, p1 = vae.encode(x).latent_dist, vae.encode(x.flip(-1)).latent_dist
-        out.append((p0.mean.half(), p0.std.half(), p1.mean.half(), p1.std.half()))
+        out.append((p0.mean.half().cpu(), p0.std.half().cpu(), p1.mean.half().cpu(), p1.std.half().cpu()))
     return time.perf_counter() - t
 
 
@@ -95,6 +101,7 @@ def main():
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers of the stage")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bench/gpu_check.py runs it on cuda at batch 64)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = args.images
@@ -105,11 +112,11 @@ def main():
         data = {"root": str(tmp / "data"), "dataset": "imagenet", "source": "folder", "source_path": str(tmp / "folder"),
                 "splits": ["train"], "resolution": args.resolution, "channels": 4, "input_size": args.resolution // 8,
                 "vae": str(vdir), "encode_batch": args.batch, "shard_size": max(args.batch, (n // 2) // args.batch * args.batch),
-                "workers": args.workers, "device": "cpu"}
+                "workers": args.workers, "device": args.device}
         cfg = config.build({"data": data}, tier="b")
         acquire(cfg)
         files = load_split(tmp / "data" / "b" / "raw", "train").files
-        vae, _ = vaemod.load(str(vdir))
+        vae, _ = vaemod.load(str(vdir), device=torch.device(args.device))
         x = torch.from_numpy(np.stack([center_crop_arr(load_rgb(f), args.resolution) for f in files]))
         x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
         bare(vae, x[: args.batch], args.batch)  # warm-up (oneDNN primitive creation)
@@ -125,7 +132,7 @@ def main():
     vs_bare = statistics.median(b / s for s, b in zip(times["stage"], times["bare"]))
     vs_loop = statistics.median(lp / s for s, lp in zip(times["stage"], times["loop"]))
     print(f"\nencode bench: {n} JPEGs ~500x375 -> {args.resolution}px, VAE widths {args.channels}, batch {args.batch}, "
-          f"{args.workers} workers, {torch.get_num_threads()} torch threads, CPU")
+          f"{args.workers} workers, {torch.get_num_threads()} torch threads, {args.device}")
     for k, desc in (("stage", "encode stage (decode+crop in workers, shards written)"),
                     ("bare", "bare encoder forward, preloaded tensors"), ("loop", "per-image loop (batch 1, no workers)")):
         print(f"  {desc:58s} {ips[k]:8.2f} img/s")

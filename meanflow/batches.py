@@ -1,7 +1,7 @@
 """What each rank trains on at each step: the store rows of the step's global batch (per-epoch
-permutations) and the objective's draws (t, r, noise, label drop), all from generators seeded by
-(train.seed, purpose, step), so a row holds the same values whatever the world size and a resumed
-run draws what an uninterrupted one draws."""
+permutations) and the objective's draws (t, r, noise, label drop; iMF's guidance conditions), all
+from generators seeded by (train.seed, purpose, step), so a row holds the same values whatever the
+world size and a resumed run draws what an uninterrupted one draws."""
 from __future__ import annotations
 
 import functools
@@ -57,6 +57,11 @@ class Rows:
     t: torch.Tensor
     r: torch.Tensor
     drop: torch.Tensor
+    cond: dict | None = None   # iMF: omega, t_min, t_max per row
+
+    def draws(self) -> dict:
+        """The objective's keyword draws for these rows (training.step's `draws`)."""
+        return {"e": self.e, "t": self.t, "r": self.r, "drop": self.drop, **(self.cond or {})}
 
 
 def load_rows(store, sampler, objective, step: int, batch: int, rank: int, world: int, seed: int,
@@ -78,6 +83,8 @@ def load_rows(store, sampler, objective, step: int, batch: int, rank: int, world
     t, r = objective.sample_t_r(batch, g, device)
     e = torch.randn((batch, *store.shape), generator=g, device=device)
     drop = objective.sample_drop(batch, g, device)
+    cond = objective.sample_conditions(t, r, g) if hasattr(objective, "sample_conditions") else None  # iMF
     order = _spread(batch).to(device)
     return Rows(torch.cat(xs), torch.cat(ys) if conditional else None, e[lo:hi],
-                t[order][lo:hi], r[order][lo:hi], drop[order][lo:hi])
+                t[order][lo:hi], r[order][lo:hi], drop[order][lo:hi],
+                cond and {k: a[order][lo:hi] for k, a in cond.items()})

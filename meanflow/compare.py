@@ -4,10 +4,13 @@ A result set is a directory (a project checkout after `dvc pull`, or an unpacked
 results/<tier>/tables/*.csv, runs/<tier>/<run>/{metrics_nfe*.json, *manifest.json}, and manifests
 of data/<tier>; or a bundle written by `bundle.export` (a .tar.gz with the same layout and bundle.json).
 
-`compare(a, b, tol)` returns a Markdown report: every table's FIDs side by side with deltas and a
-verdict against `tol`, the params that differ, the environments that differ, and which artifacts
-are bit-identical (by sha256). Rows whose result sets were made from different params are flagged,
-not silently compared."""
+`compare(a, b)` returns a Markdown report: every table's metric (named: FID, or fd_digits on tiny)
+side by side in table order with a noise-aware verdict per row (metrics/uncertainty.RULE: Welch
+over the row's seeds; `no noise estimate` with one seed, then a per-tier relative tolerance is
+shown as a fallback only), every metrics file of the runs the tables use (bootstrap intervals),
+the params and environments that differ, and an artifact summary (counts, then only the
+differing files). Only the runs the tables name are compared: a stray run directory is counted,
+not compared. Rows whose runs were made from different params are flagged, not compared."""
 from __future__ import annotations
 
 import csv
@@ -20,6 +23,12 @@ from pathlib import Path
 
 from meanflow import manifest, tables
 from meanflow.bundle import BUNDLE_META
+from meanflow.metrics import uncertainty
+
+# the relative tolerance shown where a side has one seed (a fallback, never the verdict): the same
+# commit on two CPUs moved a tiny-tier 1-seed FID by ~3%; GPU tiers (fp32, deterministic) are tighter
+FALLBACK_REL = {"tiny": 0.05}
+FALLBACK_DEFAULT = 0.03
 
 
 class CompareError(ValueError):
@@ -31,18 +40,11 @@ class ResultSet:
     name: str
     root: Path
     files: dict = field(default_factory=dict)        # relpath -> sha256
-    rows: dict = field(default_factory=dict)         # (tier, table, row, nfe) -> csv row
+    rows: dict = field(default_factory=dict)         # (tier, table, row, nfe) -> csv row, in table order
+    runs: dict = field(default_factory=dict)         # (tier, run_id) -> True for the runs the tables name
+    ignored: list = field(default_factory=list)      # run directories present but in no table
     manifests: dict = field(default_factory=dict)    # relpath -> manifest dict
     meta: dict = field(default_factory=dict)         # bundle.json, if any
-
-    @property
-    def params_hashes(self) -> dict:
-        """tier -> sorted params hashes seen in its manifests."""
-        out = {}
-        for rel, m in self.manifests.items():
-            if isinstance(m, dict) and m.get("params_hash"):
-                out.setdefault(m.get("tier") or rel.split("/")[1], set()).add(m["params_hash"])
-        return {t: sorted(v) for t, v in out.items()}
 
     def env(self) -> dict:
         """The environment of the result set, flattened; keys whose value varies between manifests
@@ -52,7 +54,7 @@ class ResultSet:
             if isinstance(m, dict) and isinstance(m.get("env"), dict):
                 for k, v in _flatten(m["env"]).items():
                     seen.setdefault(k, set()).add(json.dumps(v, sort_keys=True))
-        return {k: (json.loads(next(iter(v))) if len(v) == 1 else sorted(v)) for k, v in seen.items()}
+        return {k: (json.loads(next(iter(v))) if len(v) == 1 else _Varies(sorted(v))) for k, v in seen.items()}
 
     def params(self) -> dict:
         """Flattened resolved configs from the manifests that carry one (train manifests), per run."""
@@ -104,20 +106,27 @@ def load(path: str | Path, name: str | None = None, workdir: Path | None = None)
     elif (root / "params.yaml").is_file():  # a checkout: its params file, as a bundle records it
         import yaml
         rs.meta = {"params": yaml.safe_load((root / "params.yaml").read_text())}
+    tables_dir = sorted(root.glob("results/*/tables/*.csv"), key=lambda p: (p.parts[-3], _table_key(p.stem)))
+    for p in tables_dir:
+        with open(p, newline="") as f:
+            for r in csv.DictReader(f):   # the columns meanflow.tables writes, in its row order
+                tier = p.parts[-3]
+                rs.rows[(tier, p.stem.removeprefix("table_"), r.get(tables.ROW, ""), str(r.get(tables.NFE, "")))] = r
+                for run in filter(None, (r.get(tables.RUN) or "").split(tables.SEP)):
+                    rs.runs[(tier, run)] = True
     for p in sorted(root.rglob("*")):
         if not p.is_file() or p.name == BUNDLE_META or p.name.startswith("."):
             continue
         rel = p.relative_to(root).as_posix()
-        if not rel.startswith(("results/", "runs/", "data/")):
+        parts = rel.split("/")
+        if parts[0] not in ("results", "runs", "data"):
+            continue
+        if parts[0] == "runs" and len(parts) >= 4 and (parts[1], parts[2]) not in rs.runs:
+            if f"runs/{parts[1]}/{parts[2]}" not in rs.ignored:
+                rs.ignored.append(f"runs/{parts[1]}/{parts[2]}")
             continue
         rs.files[rel] = manifest.file_hash(p)
-        parts = rel.split("/")
-        if parts[0] == "results" and len(parts) >= 4 and parts[2] == "tables" and p.suffix == ".csv":
-            with open(p, newline="") as f:
-                for r in csv.DictReader(f):   # the columns meanflow.tables writes
-                    key = (parts[1], p.stem.removeprefix("table_"), r.get(tables.ROW, ""), str(r.get(tables.NFE, "")))
-                    rs.rows[key] = r
-        elif p.suffix == ".json" and ("manifest" in p.name or p.name.startswith("metrics")):
+        if p.suffix == ".json" and ("manifest" in p.name or p.name.startswith("metrics")):
             try:
                 rs.manifests[rel] = json.loads(p.read_text())
             except json.JSONDecodeError as e:
@@ -126,6 +135,13 @@ def load(path: str | Path, name: str | None = None, workdir: Path | None = None)
         raise CompareError(f"result set {path} has no results/<tier>/tables/*.csv (nothing to compare; "
                            "was `dvc pull` run, does the remote hold the tables?)")
     return rs
+
+
+def _table_key(t: str):
+    """Tables in their natural order: 1a..1f, 2, 3, 5 (not 10 before 2)."""
+    import re
+    m = re.match(r"(\d+)(.*)", t)
+    return (int(m.group(1)), m.group(2)) if m else (10**9, t)
 
 
 def _num(x):
@@ -143,62 +159,91 @@ def _fmt(v, nd=2):
 @dataclass
 class Report:
     text: str
-    rows_ok: int
-    rows_bad: int            # outside tolerance, missing on a side, or params differ
+    rows_ok: int             # consistent, or one seed and within the fallback tolerance
+    rows_bad: int            # differs, missing on a side, params differ, or outside the fallback
     params_differ: bool
 
 
-def compare(a: ResultSet, b: ResultSet, tol: float = 1.0) -> Report:
-    lines = [f"# Result-set comparison", "", f"- A: `{a.name}`", f"- B: `{b.name}`",
-             f"- tolerance: |FID_A - FID_B| <= {tol}", ""]
-    ph_a, ph_b = a.params_hashes, b.params_hashes
+def _seeds(r) -> list[float]:
+    """A table row's per-seed values (the mean alone for tables written before replicates)."""
+    if r is None:
+        return []
+    per = r.get(tables.PER_SEED)
+    vals = [_num(v) for v in per.split(tables.SEP)] if per is not None else [_num(r.get(tables.OUR_FID))]
+    return [v for v in vals if v is not None]
+
+
+def _run_hash(rs: ResultSet, tier: str, row) -> list:
+    runs = [x for x in (row or {}).get(tables.RUN, "").split(tables.SEP) if x]
+    return [(rs.manifests.get(f"runs/{tier}/{x}/train_manifest.json") or {}).get("params_hash") for x in runs]
+
+
+def _metric_names(*sets: ResultSet) -> dict:
+    """tier -> 'metric (its description)', from the metrics files (or the tables' metric column)."""
+    out = {}
+    for rs in sets:
+        for rel, m in rs.manifests.items():
+            if rel.startswith("runs/") and isinstance(m, dict) and m.get("metric"):
+                out.setdefault(rel.split("/")[1], f"{m['metric']}" + (f" ({m['metric_name']})" if m.get("metric_name") else ""))
+        for k, r in rs.rows.items():
+            if r.get(tables.METRIC):
+                out.setdefault(k[0], r[tables.METRIC])
+    return out
+
+
+def compare(a: ResultSet, b: ResultSet, tol: float | None = None) -> Report:
+    """The report; `tol` overrides the per-tier relative fallback tolerance (FALLBACK_REL)."""
     tiers = sorted({k[0] for k in a.rows} | {k[0] for k in b.rows})
-    differ_tiers = {t for t in tiers if ph_a.get(t) != ph_b.get(t)}
+    names = _metric_names(a, b)
+    fallback = {t: tol if tol is not None else FALLBACK_REL.get(t, FALLBACK_DEFAULT) for t in tiers}
+    lines = ["# Result-set comparison", "", f"- A: `{a.name}`", f"- B: `{b.name}`",
+             *(f"- metric on {t}: {names.get(t, 'FID')}" for t in tiers),
+             f"- verdict: {uncertainty.RULE}; with one seed a relative fallback tolerance is shown "
+             f"({', '.join(f'{t}: {fallback[t]:.0%}' for t in tiers)})", ""]
     ok = bad = 0
-    lines += ["## FID by table", ""]
+    any_params = False
+    lines += ["## Metric by table (table order)", ""]
     for tier in tiers:
-        keys = sorted({k for k in (*a.rows, *b.rows) if k[0] == tier},
-                      key=lambda k: (k[1], k[2], int(k[3]) if k[3].isdigit() else 0))
-        if tier in differ_tiers:
-            lines.append(f"**{tier}: params differ** (A {ph_a.get(tier) or 'none'}, B {ph_b.get(tier) or 'none'}); "
-                         "rows are flagged, not compared.\n")
-        lines += [f"### {tier}", "", "| table | row | NFE | paper | A | B | B - A | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
+        keys = list(dict.fromkeys([k for k in a.rows if k[0] == tier] + [k for k in b.rows if k[0] == tier]))
+        lines += [f"### {tier}", "", "| table | row | NFE | paper | A mean ± std (n) | B mean ± std (n) | B - A | p | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for k in keys:
             ra, rb = a.rows.get(k), b.rows.get(k)
-            fa, fb = _num(ra and ra.get(tables.OUR_FID)), _num(rb and rb.get(tables.OUR_FID))
+            va, vb = _seeds(ra), _seeds(rb)
+            sa, sb = uncertainty.summary(va), uncertainty.summary(vb)
             paper = _num((ra or rb).get(tables.PAPER_FID))
-            delta = fb - fa if fa is not None and fb is not None else None
+            delta = sb["mean"] - sa["mean"] if sa["n"] and sb["n"] else None
+            p = None
             if ra is None or rb is None:
                 verdict = "MISSING in " + ("A" if ra is None else "B")
-            elif tier in differ_tiers:
-                verdict = "PARAMS DIFFER"
-            elif fa is None or fb is None:
-                verdict = "NO FID"
-            elif abs(delta) <= tol:
-                verdict = "ok"
+            elif _run_hash(a, tier, ra) != _run_hash(b, tier, rb):
+                verdict, any_params = "PARAMS DIFFER", True
+            elif not sa["n"] or not sb["n"]:
+                verdict = "NO VALUE"
             else:
-                verdict = "OUT OF TOLERANCE"
-            ok += verdict == "ok"
-            bad += verdict != "ok"
-            lines.append(f"| {k[1]} | {k[2]} | {k[3]} | {_fmt(paper)} | {_fmt(fa)} | {_fmt(fb)} | "
-                         f"{'—' if delta is None else f'{delta:+.2f}'} | {verdict} |")
+                verdict, p = uncertainty.verdict(va, vb)
+                if p is None:
+                    within = abs(delta) <= fallback[tier] * max(abs(sa["mean"]), 1e-12)
+                    verdict += f" ({'within' if within else 'OUTSIDE'} {fallback[tier]:.0%} fallback)"
+            good = verdict.startswith("consistent") or verdict.endswith("fallback)") and "within" in verdict
+            ok += good
+            bad += not good
+            lines.append(f"| {k[1]} | {k[2]} | {k[3]} | {_fmt(paper)} | {tables.cell(sa['mean'], sa['std'], sa['n']) or '—'} | "
+                         f"{tables.cell(sb['mean'], sb['std'], sb['n']) or '—'} | {'—' if delta is None else f'{delta:+.2f}'} | "
+                         f"{'—' if p is None else f'{p:.3g}'} | {verdict} |")
         lines.append("")
-    lines += [f"Rows within tolerance: {ok}; flagged: {bad}.", ""]
+    lines += [f"Rows consistent (or within the one-seed fallback): {ok}; flagged: {bad}.", ""]
+    lines += _metrics_section(a, b)
 
-    # ---- params
+    # ---- params (of the runs the tables use)
     pa, pb = a.params(), b.params()
     diff = sorted(k for k in set(pa) | set(pb) if pa.get(k) != pb.get(k))
     lines += ["## Params that differ", ""]
-    for t in tiers:
-        if ph_a.get(t) != ph_b.get(t):
-            lines.append(f"- `{t}` params hash: A `{', '.join(ph_a.get(t, [])) or 'none'}`, "
-                         f"B `{', '.join(ph_b.get(t, [])) or 'none'}`")
     if diff:
-        lines += ["", "| key | A | B |", "|---|---|---|"]
+        lines += ["| key | A | B |", "|---|---|---|"]
         lines += [f"| {k} | {pa.get(k, '—')} | {pb.get(k, '—')} |" for k in diff[:200]]
-    if not diff and not differ_tiers:
-        lines.append("None: same params hash and resolved configs.")
+    else:
+        lines.append("None: the runs the tables use have the same resolved configs.")
     lines.append("")
 
     # ---- environment
@@ -207,21 +252,63 @@ def compare(a: ResultSet, b: ResultSet, tol: float = 1.0) -> Report:
     lines += ["## Environments that differ", ""]
     if ediff:
         lines += ["| key | A | B |", "|---|---|---|"]
-        lines += [f"| {k} | {ea.get(k, '—')} | {eb.get(k, '—')} |" for k in ediff]
+        lines += [f"| {k} | {_env_cell(ea, k)} | {_env_cell(eb, k)} |" for k in ediff]
     else:
         lines.append("None recorded.")
     lines.append("")
 
-    # ---- artifacts
+    # ---- artifacts: counts, then only what differs
     common = sorted(set(a.files) & set(b.files))
-    same = [r for r in common if a.files[r] == b.files[r]]
     changed = [r for r in common if a.files[r] != b.files[r]]
-    lines += ["## Artifacts", "", f"{len(same)} bit-identical, {len(changed)} differ, "
-              f"{len(set(a.files) - set(b.files))} only in A, {len(set(b.files) - set(a.files))} only in B.", ""]
-    lines += ["| artifact | sha256 A | sha256 B | identical |", "|---|---|---|---|"]
-    for r in common:
-        lines.append(f"| {r} | {a.files[r][:12]} | {b.files[r][:12]} | {'yes' if r in same else 'no'} |")
-    for r in sorted(set(a.files) ^ set(b.files)):
-        lines.append(f"| {r} | {a.files.get(r, '—')[:12]} | {b.files.get(r, '—')[:12]} | missing |")
+    only_a, only_b = sorted(set(a.files) - set(b.files)), sorted(set(b.files) - set(a.files))
+    lines += ["## Artifacts", "", f"{len(common) - len(changed)} bit-identical, {len(changed)} differ, "
+              f"{len(only_a)} only in A, {len(only_b)} only in B (runs the tables use, results/, data/).", ""]
+    if changed or only_a or only_b:
+        lines += ["| artifact | sha256 A | sha256 B |", "|---|---|---|"]
+        lines += [f"| {r} | {a.files.get(r, '—')[:12]} | {b.files.get(r, '—')[:12]} |" for r in [*changed, *only_a, *only_b]]
+        lines.append("")
+    for rs in (a, b):
+        if rs.ignored:
+            lines.append(f"Not compared ({rs.name}): {len(rs.ignored)} run directories no table uses: "
+                         + ", ".join(f"`{x}`" for x in rs.ignored[:20]) + ("" if len(rs.ignored) <= 20 else ", ..."))
     lines.append("")
-    return Report("\n".join(lines), ok, bad, bool(diff or differ_tiers))
+    return Report("\n".join(lines), ok, bad, bool(diff) or any_params)
+
+
+def _env_cell(env: dict, k: str) -> str:
+    if k not in env:
+        return "—"
+    v = env[k]
+    return ", ".join(v) if isinstance(v, _Varies) else json.dumps(v, sort_keys=True)
+
+
+class _Varies(list):
+    """Values (as JSON) of an environment key that varies between manifests of one result set."""
+
+
+def _metrics_section(a: ResultSet, b: ResultSet) -> list[str]:
+    """Every metrics file of the runs the tables use, in both sets: identical, within the two
+    bootstrap intervals' combined noise (|B - A| <= 1.96 sqrt(se_A^2 + se_B^2)), or differs."""
+    rels = sorted(r for r in set(a.manifests) & set(b.manifests) if r.startswith("runs/") and r.split("/")[-1].startswith("metrics"))
+    out, same, within, differ = [], 0, 0, []
+    for rel in rels:
+        ma, mb = a.manifests[rel], b.manifests[rel]
+        va, vb = _num(ma.get("value", ma.get("fid"))), _num(mb.get("value", mb.get("fid")))
+        if va == vb:
+            same += 1
+            continue
+        se = [((m.get("bootstrap") or {}).get("se")) for m in (ma, mb)]
+        if va is not None and vb is not None and None not in se and abs(vb - va) <= 1.96 * math.hypot(*se):
+            within += 1
+            continue
+        differ.append((rel, va, vb, se))
+    only = len({r for r in set(a.manifests) ^ set(b.manifests) if r.startswith("runs/") and r.split("/")[-1].startswith("metrics")})
+    out += ["## Metrics files (runs the tables use)", "",
+            f"{len(rels)} in both: {same} equal, {within} within their bootstrap noise, {len(differ)} differ"
+            f"{f'; {only} on one side only' if only else ''}.", ""]
+    if differ:
+        out += ["| metrics file | A | B | bootstrap se A, B |", "|---|---|---|---|"]
+        out += [f"| {r} | {_fmt(x, 4)} | {_fmt(y, 4)} | {', '.join('—' if v is None else f'{v:.3g}' for v in se)} |"
+                for r, x, y, se in differ]
+        out.append("")
+    return out

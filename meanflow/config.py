@@ -107,13 +107,13 @@ class Config:
 
     @property
     def params_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:10]
+        return hashlib.sha256(json.dumps(_hashed(self.raw), sort_keys=True).encode()).hexdigest()[:10]
 
     @property
     def run_id(self) -> str:
         """Readable name plus a hash of everything that shapes the trained weights (data, model,
         meanflow, train), so identical configurations asked for by several table rows train once."""
-        key = {s: self.raw[s] for s in ("data", "model", "meanflow", "train")}
+        key = {s: _hashed(self.raw)[s] for s in ("data", "model", "meanflow", "train")}
         # where and how often a run is logged or saved does not change its weights
         key["train"] = {k: v for k, v in key["train"].items() if k not in RUN_NEUTRAL}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
@@ -125,6 +125,18 @@ class Config:
     def run_dir(self) -> Path:
         """runs/<tier>/<run_id>: checkpoints, final EMA weights, samples and metrics of one run."""
         return Path(self.raw["train"].get("runs_root", "runs")) / self.tier / self.run_id
+
+
+def _hashed(raw: dict) -> dict:
+    """raw without the keys marked x-unhashed-default that sit at their default: a key added later
+    (e.g. iMF's) leaves the hashes, so the run ids, of existing configurations as they were."""
+    out = dict(raw)
+    for s in SECTIONS:
+        props = schema()["$defs"][s]["properties"]
+        sec = raw.get(s, {})
+        out[s] = {k: v for k, v in sec.items()
+                  if not (props.get(k, {}).get("x-unhashed-default") and v == props[k].get("default"))}
+    return out
 
 
 RUN_NEUTRAL = ("runs_root", "device", "ckpt_every", "keep_ckpts", "log_every", "compile")

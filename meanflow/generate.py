@@ -145,9 +145,15 @@ class Sampler:
         self.decode = Decoder(cfg, self.device)
         self.shape = (d.channels, d.input_size, d.input_size)
 
+    def guidance(self, nfe: int) -> dict:
+        """sample.guidance for this NFE (its own entry, else "all"); {} = unguided."""
+        g = self.cfg.sample.guidance or {}
+        return dict(g.get(str(nfe), g.get("all", {})))
+
     def plan(self, nfe: int, times) -> dict:
         c = self.cfg
-        return {"run_id": c.run_id, "nfe": nfe, "times": times, "n": c.sample.n, "num_classes": c.data.num_classes,
+        extra = {"guidance": g} if (g := self.guidance(nfe)) else {}   # absent when unguided: plans stay as they were
+        return {**extra, "run_id": c.run_id, "nfe": nfe, "times": times, "n": c.sample.n, "num_classes": c.data.num_classes,
                 "seed": c.sample.seed, "shard_size": c.sample.shard_size, "batch": c.sample.batch,
                 "shape": list(self.shape), "weights_sha256": self.weights_sha256, "vae": self.decode.info,
                 "latent_scale": c.data.latent_scale if self.decode.vae is not None else None}
@@ -158,7 +164,7 @@ class Sampler:
         y = labels(idx, self.cfg.data.num_classes)
         e = noise(self.cfg.sample.seed, idx, self.shape).to(self.device)
         yt = torch.from_numpy(y).to(self.device) if y is not None else None
-        x = self.decode(sample(self.net, e, yt, times=times))
+        x = self.decode(sample(self.net, e, yt, times=times, **self.guidance(len(times) - 1)))
         return x.cpu().numpy(), y
 
     def shard(self, shards: Shards, k: int, times, bar=None) -> None:

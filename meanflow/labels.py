@@ -21,7 +21,7 @@ NOT_SETTING = {
              "vae_revision"},
     "model": set(),
     "meanflow": {"jvp_api"},   # same derivatives either way
-    "train": set(config.RUN_NEUTRAL),
+    "train": {*config.RUN_NEUTRAL, "replicates"},   # how many seeds, not which setting
     "sample": {"device", "weights", "shard_size", "batch", "fid_batch", "grid"},
 }
 

@@ -58,18 +58,26 @@ class RunPaths(NamedTuple):
 
 
 class ResultPaths(NamedTuple):
-    """results/<tier>: tables/table_<t>.{md,csv,tex}, plots/<name>.png, grids/, report/table_<t>.{html,rst}
-    (the report's rendered tables and captions), logs/ (the jobs' logs, copied for the report)."""
+    """results/<tier>: tables/table_<t>.{md,csv,tex} and tables/manifest.json, plots/<name>.png,
+    grids/, fid.json and fid.csv (DVC's metrics), report/table_<t>.{html,rst} (the report's rendered
+    tables and captions), logs/ (the jobs' logs, copied for the report). An explicit table list
+    (`make run-imf`: imf1) writes plots_<names>/, grids_<names>/, logs_<names>/, tables/manifest_<names>.json
+    and fid_<names>.{json,csv} beside the tier's own, so a rerun of one target keeps the other's."""
     root: Path
     tables: Path
     plots: Path
     grids: Path
-    report: Path
-    logs: Path
+    manifest: Path
+    fid_json: Path   # {table: {row: FID}}: DVC's metrics file (`dvc metrics show`, `dvc exp show`)
+    fid_csv: Path    # table,row,label,fid per row: the data of DVC's FID plot
+    report: Path     # file names per table, so shared by every table list
+    logs: Path       # a directory output: one per table list
 
     @classmethod
-    def at(cls, root: Path) -> "ResultPaths":
-        return cls(root, root / "tables", root / "plots", root / "grids", root / "report", root / "logs")
+    def at(cls, root: Path, subset: list[str] | None = None) -> "ResultPaths":
+        sub = "" if subset is None else "_" + "+".join(subset)
+        return cls(root, root / "tables", root / f"plots{sub}", root / f"grids{sub}", root / "tables" / f"manifest{sub}.json",
+                   root / f"fid{sub}.json", root / f"fid{sub}.csv", root / "report", root / f"logs{sub}")
 
     def table(self, t, ext: str) -> Path:
         return self.tables / f"table_{t}.{ext}"
@@ -98,5 +106,12 @@ def log(tier: str, stage: str, run: str | None = None, root: str | Path = LOGS) 
     return Path(root) / tier / (f"{stage}.log" if run is None else f"{stage}/{run}.log")
 
 
-def results(tier: str, root: str | Path = "results") -> ResultPaths:
-    return ResultPaths.at(Path(root) / tier)
+def benchmark(tier: str, rule: str, name: str, root: str | Path = "benchmarks") -> Path:
+    """Snakemake's per-job benchmark file (wall s, cpu_time, max_rss): benchmarks/<tier>/<rule>/<name>.tsv
+    (bench/tiny_tier.py sums them per stage)."""
+    return Path(root) / tier / rule / f"{name}.tsv"
+
+
+def results(tier: str, root: str | Path = "results", subset: list[str] | None = None) -> ResultPaths:
+    """results/<tier>, or the outputs of an explicit table list `subset` (see ResultPaths)."""
+    return ResultPaths.at(Path(root) / tier, subset)

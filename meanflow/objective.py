@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from .models import tangent as explicit_tangent
+
 # torch scripts its own jvp decompositions on the first forward-AD call, warning about itself
 warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
 
@@ -34,12 +36,37 @@ class LossOutput:
 
 def jvp(fn, primals, tangents, api: str = "func"):
     """(fn(*primals), its directional derivative along tangents), through torch.func.jvp or the
-    torch.autograd.forward_ad dual-tensor API (same rules; fewer wrapper layers per op)."""
+    torch.autograd.forward_ad dual-tensor API (same rules; fewer wrapper layers per op); for
+    "explicit", fn computes the pair itself (models.tangent)."""
+    if api == "explicit":  # fn returns the pair itself
+        return fn(*primals)
     if api == "func":
         return torch.func.jvp(fn, primals, tangents)
     with fwAD.dual_level():
         out = fwAD.unpack_dual(fn(*(fwAD.make_dual(p, t) for p, t in zip(primals, tangents))))
         return out.primal, out.tangent
+
+
+def jvp_plan(net, u_fn, api: str, tangents, y=None):
+    """(u_fn, api) for `jvp`. On "explicit": the DiT's hand-derived rules on (z, t, h = t - r) with
+    dh = dt - dr for tangents (dz, dr, dt) when `supports(net)` (exactly the DiT), else forward_ad
+    with a warning (the U-Net, the iMF DiT: explicit_tangent covers no other net)."""
+    if api != "explicit":
+        return u_fn, api
+    if explicit_tangent.supports(net):
+        dz, dr, dt = tangents
+        return (lambda z_, r_, t_: explicit_tangent.dit_jvp(net, (z_, t_, t_ - r_), (dz, dt, dt - dr), y)), api
+    _warn_fallback(net)
+    return u_fn, "forward_ad"
+
+
+def _warn_fallback(net):
+    if type(net) not in _WARNED:
+        _WARNED.add(type(net))
+        warnings.warn(f"meanflow.jvp_api: 'explicit' covers the DiT only; {type(net).__name__} uses forward_ad")
+
+
+_WARNED: set = set()
 
 
 def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -134,13 +161,15 @@ class MeanFlow:
         def u_fn(z_, r_, t_):
             return net(z_, t_, t_ - r_, sub(y_in))
 
+        u_fn, api = jvp_plan(net, u_fn, c.jvp_api, tangents, sub(y_in))
+
         fp32 = torch.autocast(z.device.type, enabled=False) if c.jvp_fp32 else nullcontext()
         with fp32:
             if c.strategy == "joint":  # gradients flow through the jvp's primal output
-                u_mf, dudt = jvp(u_fn, (z[mf], rm, tm), tangents, c.jvp_api)
+                u_mf, dudt = jvp(u_fn, (z[mf], rm, tm), tangents, api)
             else:  # the tangent without a graph; one plain forward below carries gradients
                 with torch.no_grad():
-                    _, dudt = jvp(u_fn, (z[mf], rm, tm), tangents, c.jvp_api)
+                    _, dudt = jvp(u_fn, (z[mf], rm, tm), tangents, api)
         if c.strategy == "joint" and len(mf) < len(t):
             fm = (t == r).nonzero().squeeze(1)
             u_fm = grad_net(z[fm], t[fm], t[fm] - r[fm], None if y_in is None else y_in[fm])

@@ -2,7 +2,12 @@
 experiment, nfe) and the distinct runs they read, each carrying its resolved `Config`, plus what
 the workflow needs to run them (stage code deps, resources, launchers, trigger hashes). The
 Snakefile, the dvc.yaml generator and the tables stage all read this one plan, so they cannot
-disagree, and nothing resolves params a second time."""
+disagree, and nothing resolves params a second time.
+
+Replicates: `train.replicates: R` (in a tier, or an experiment's override) makes each row read R
+runs that differ only in `train.seed + i` and `sample.seed + i` (i = 0..R-1), each with its own
+run id; replica 0 is the configuration without the key, so R = 1 and the seed-0 run of R = 3 keep
+the run id and params hash they had before replicates existed."""
 from __future__ import annotations
 
 import glob
@@ -23,14 +28,24 @@ class Row:
     run_id: str
     run_dir: str
     cfg: config.Config = field(compare=False, repr=False)
+    replicas: tuple = field(default=(), compare=False, repr=False)   # the R replica configs (replica 0 first)
 
     @property
     def paths(self) -> layout.RunPaths:
         return layout.run(self.run_dir)
 
+    @property
+    def run_ids(self) -> list[str]:
+        return [c.run_id for c in self.replicas] or [self.run_id]
+
+    @property
+    def replica_paths(self) -> list[layout.RunPaths]:
+        return [layout.run(c) for c in self.replicas] or [self.paths]
+
     def key(self) -> dict:
-        """The row without its config (what the plan hash covers)."""
-        return {k: getattr(self, k) for k in ("table", "row", "experiment", "nfe", "run_id", "run_dir")}
+        """The row without its config (what the plan hash covers); replicas only when there are several."""
+        k = {k: getattr(self, k) for k in ("table", "row", "experiment", "nfe", "run_id", "run_dir")}
+        return {**k, "replicas": self.run_ids} if len(self.run_ids) > 1 else k
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,7 @@ class Run:
     run_id: str
     experiment: str
     cfg: config.Config = field(repr=False)
+    replicate: int = 0
 
     @property
     def run_dir(self) -> str:
@@ -53,6 +69,32 @@ class Run:
         return self.cfg.params_hash
 
 
+def replicates(cfg: config.Config) -> int:
+    """train.replicates (default 1): how many seeds each row of this config trains."""
+    r = cfg.raw["train"].get("replicates", 1)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise config.ConfigError(f"{cfg.experiment or cfg.tier}: train.replicates = {r!r}; must be an integer >= 1")
+    return r
+
+
+def replica(cfg: config.Config, i: int) -> config.Config:
+    """Replica i of cfg: train.seed + i and sample.seed + i, without the replicates key (one run)."""
+    n = replicates(cfg)
+    if not 0 <= i < n:
+        raise config.ConfigError(f"replicate {i}: {cfg.experiment or cfg.tier} has train.replicates = {n} (0..{n - 1})")
+    raw = config.deep_merge(cfg.raw, {})
+    raw["train"].pop("replicates", None)
+    if i:
+        raw["train"]["seed"] += i
+        raw["sample"]["seed"] += i
+    return config.build(raw, cfg.tier, cfg.experiment, where=f"{cfg.experiment or cfg.tier} replicate {i}")
+
+
+def replicate_arg(i: int) -> str:
+    """The stage option of replica i, as the rules and dvc.yaml append it ("" for replica 0: unchanged commands)."""
+    return f" --replicate {i}" if i else ""
+
+
 def experiment_name(row: str) -> str:
     """A row's default experiment: its name with '.' written 'p' (DVC splits params keys on '.')."""
     return row.replace(".", "p")
@@ -60,29 +102,37 @@ def experiment_name(row: str) -> str:
 
 class Plan:
     """Rows and runs of `tier`: plan = Plan(params, tier); plan.rows, plan.runs (run_id -> Run),
-    plan.base (the tier's config without an experiment), plan.tables (the table names)."""
+    plan.base (the tier's config without an experiment), plan.tables (the table names), plan.paper
+    (the published-results CSVs). `tables` builds those tables instead of the tier's list
+    (`make run-imf`: imf1); plan.subset is that list, else None."""
 
-    def __init__(self, params: dict, tier: str, where: str = "params.yaml"):
+    def __init__(self, params: dict, tier: str, where: str = "params.yaml", tables: list[str] | None = None):
         self.params, self.tier = params, tier
         self.base = config.resolve(params, tier, where=where)
         t = params.get("tables") or {}
-        self.tables = [str(x) for x in t.get("tiers", {}).get(tier, [])]
-        self.paper = t.get("paper", "reference/paper_results.csv")
+        self.subset = None if tables is None else [str(x) for x in tables]
+        self.tables = self.subset if tables is not None else [str(x) for x in t.get("tiers", {}).get(tier, [])]
+        paper = t.get("paper", "reference/paper_results.csv")
+        self.paper = [paper] if isinstance(paper, str) else list(paper)   # one CSV or several (MeanFlow's, iMF's)
         cache: dict[str, config.Config] = {}
         self.rows: list[Row] = []
-        for table in t.get("tiers", {}).get(tier, []):
+        for table in self.tables:
             if table not in t.get("rows", {}):
-                raise config.ConfigError(f"params.yaml: tables.tiers.{tier} names table {table!r} not in tables.rows")
+                named = f"tables.tiers.{tier}" if tables is None else f"the table list {self.subset}"
+                raise config.ConfigError(f"{where}: {named} names table {table!r} not in tables.rows")
             for item in t["rows"][table]:
                 item = {"row": item} if isinstance(item, str) else item
                 exp, nfe = item.get("experiment", experiment_name(item["row"])), int(item.get("nfe", 1))
                 if exp not in cache:
-                    cache[exp] = config.resolve(params, tier, exp, where=where)
-                cfg = cache[exp]
-                self.rows.append(Row(str(table), item["row"], exp, nfe, cfg.run_id, str(cfg.run_dir), cfg))
+                    full = config.resolve(params, tier, exp, where=where)
+                    cache[exp] = tuple(replica(full, i) for i in range(replicates(full)))
+                reps = cache[exp]
+                cfg = reps[0]
+                self.rows.append(Row(str(table), item["row"], exp, nfe, cfg.run_id, str(cfg.run_dir), cfg, reps))
         self.runs: dict[str, Run] = {}
         for r in self.rows:
-            self.runs.setdefault(r.run_id, Run(r.run_id, r.experiment, r.cfg))
+            for i, c in enumerate(r.replicas):
+                self.runs.setdefault(c.run_id, Run(c.run_id, r.experiment, c, i))
 
     @property
     def nfe(self) -> list[int]:
@@ -94,7 +144,7 @@ class Plan:
 
     @property
     def results(self) -> layout.ResultPaths:
-        return layout.results(self.tier)
+        return layout.results(self.tier, subset=self.subset)
 
     def run_paths(self, run: str = "{run}") -> layout.RunPaths:
         """A run's layout under this tier (default: the Snakemake pattern with the {run} wildcard)."""
@@ -116,9 +166,9 @@ class Plan:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def rows(params: dict, tier: str) -> list[Row]:
-    """Every table row the tier builds, resolved to its run (identical configs share a run_id)."""
-    return Plan(params, tier).rows
+def rows(params: dict, tier: str, tables: list[str] | None = None) -> list[Row]:
+    """Every table row the tier builds (or of `tables`), resolved to its run (identical configs share a run_id)."""
+    return Plan(params, tier, tables=tables).rows
 
 
 # Source files each stage runs: Snakemake inputs and DVC deps (a code change reruns what it affects).
@@ -130,11 +180,12 @@ CODE = {
     "refstats": ["stages/refstats.py", *_COMMON, "meanflow/runtime.py", "meanflow/metrics/reference.py"],
     "features": ["stages/features.py", *_COMMON, "meanflow/metrics/*.py"],
     "train": ["stages/train.py", *_COMMON, "meanflow/runtime.py", "meanflow/training.py", "meanflow/batches.py", "meanflow/distributed.py",
-              "meanflow/checkpoint.py", "meanflow/objective.py", "meanflow/models/*.py"],
+              "meanflow/checkpoint.py", "meanflow/objective.py", "meanflow/imf.py", "meanflow/models/*.py"],
     "sample": ["stages/sample.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/generate.py",
                "meanflow/sampling.py", "meanflow/models/*.py"],
     "fid": ["stages/fid.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/metrics/*.py"],
-    "tables": ["stages/tables.py", *_COMMON, "meanflow/plan.py", "meanflow/tables.py", "meanflow/labels.py", "meanflow/report.py",
+    "tables": ["stages/tables.py", *_COMMON, "meanflow/plan.py", "meanflow/tables.py", "meanflow/metrics/uncertainty.py",
+               "meanflow/labels.py", "meanflow/report.py",
                "reference/experiments.yaml"],   # the paper setting each row is checked against
 }
 

@@ -19,14 +19,34 @@ def schedule(nfe: int | None = None, times: Sequence[float] | None = None) -> li
     return [1.0 - i / nfe for i in range(nfe)] + [0.0]
 
 
+def guidance_kwargs(net, z, omega=None, t_min=None, t_max=None) -> dict:
+    """The guidance conditions a network takes (iMF: `net.conditions`), as per-row tensors. A
+    network without them accepts only the unguided setting (omega 1, interval [0, 1])."""
+    has = getattr(net, "conditions", ())
+    kw, n = {}, z.shape[0]
+    for name, keys, vals, neutral in (("omega", ("omega",), (omega,), (1.0,)),
+                                      ("interval", ("t_min", "t_max"), (t_min, t_max), (0.0, 1.0))):
+        if all(v is None for v in vals):
+            continue
+        if name in has:
+            kw.update({k: torch.full((n,), float(neutral[i] if v is None else v), device=z.device)
+                       for i, (k, v) in enumerate(zip(keys, vals))})
+        elif any(v is not None and float(v) != d for v, d in zip(vals, neutral)):
+            raise ValueError(f"sample guidance {dict(zip(keys, vals))}: the network has no {name} conditioning")
+    return kw
+
+
 @torch.no_grad()
-def sample(net, e: torch.Tensor, y: torch.Tensor | None = None, nfe: int = 1, times: Sequence[float] | None = None):
-    """Map noise e to data with len(times) - 1 network evaluations (no CFG at test time)."""
+def sample(net, e: torch.Tensor, y: torch.Tensor | None = None, nfe: int = 1, times: Sequence[float] | None = None,
+           omega: float | None = None, t_min: float | None = None, t_max: float | None = None):
+    """Map noise e to data with len(times) - 1 network evaluations (no CFG at test time; an iMF
+    network takes omega and [t_min, t_max] as conditions, still one evaluation per step)."""
     z = e
     ts = schedule(nfe, times)
+    kw = guidance_kwargs(net, z, omega, t_min, t_max)
     for t, r in zip(ts[:-1], ts[1:]):
         tt = torch.full((z.shape[0],), t, device=z.device)
-        z = z - (t - r) * net(z, tt, tt - r, y).to(z.dtype)
+        z = z - (t - r) * net(z, tt, tt - r, y, **kw).to(z.dtype)
     return z
 
 

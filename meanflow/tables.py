@@ -1,6 +1,10 @@
 """The tables stage: results/<tier>/tables/table_<t>.{md,csv,tex} (one pandas frame per table,
 written with to_csv / to_markdown / to_latex), plots/*.png and grids/ from the runs'
-metrics_nfe{k}.json, train manifests and dvclive logs, for the rows of the tier's plan."""
+metrics_nfe{k}.json, train manifests and dvclive logs, for the rows of the tier's plan.
+
+A row reads its R replicas (plan.py): .md/.tex show `mean ± std (n)` over the seeds, the .csv
+keeps each seed's value and each run's bootstrap interval; under each .md table an "Orderings"
+section tests the paper's orderings over seeds (metrics/uncertainty.py: one-sided Welch)."""
 from __future__ import annotations
 
 import csv
@@ -12,24 +16,59 @@ from pathlib import Path
 from meanflow import config, labels, layout, report
 from meanflow.plan import Plan
 
-# The tables' columns (compare.py reads the CSVs back by these names).
+# The tables' columns (compare.py reads the CSVs back by these names). OUR_FID is the mean over
+# seeds; the CSV adds the std, the seed count, per-seed values and bootstrap intervals (';'-joined,
+# in the order of RUN's run ids) and the metric's name.
 ROW, SETTING, PAPER_FID, OUR_FID, NFE, PAPER_EPOCHS, OUR_STEPS, RUN = (
     "row", "setting", "paper FID", "our FID", "NFE", "paper epochs", "our steps", "run")
+OUR_STD, SEEDS, PER_SEED, BOOT, METRIC = "our FID std", "seeds", "our FID per seed", "bootstrap 95% per seed", "metric"
 COLUMNS = [ROW, SETTING, PAPER_FID, OUR_FID, NFE, PAPER_EPOCHS, OUR_STEPS, RUN]
+CSV_COLUMNS = [*COLUMNS, OUR_STD, SEEDS, PER_SEED, BOOT, METRIC]
 FID_COLUMNS = (PAPER_FID, OUR_FID)   # shown with two decimals in .md and .tex
+SEP = ";"
+
+# The orderings the paper's tables show, tested over seeds: (table, worse row, better row, claim).
+ORDERINGS = [
+    *(("1a", "ratio_0", r, "flow matching (0%) worse than MeanFlow at 1-NFE") for r in ("ratio_25", "ratio_50", "ratio_100")),
+    *(("1b", r, "tangent_v01", "the correct tangent (v, 0, 1) is best") for r in ("tangent_v00", "tangent_v10", "tangent_v11")),
+    *(("1f", "omega_1.0", r, "CFG helps (omega > 1 beats omega = 1)") for r in ("omega_1.5", "omega_2.0", "omega_3.0", "omega_5.0")),
+    ("2", "MF-XL/2", "MF-XL/2-2nfe", "2-NFE at most 1-NFE"),
+    *(("2", a, b, "larger at most smaller") for a, b in (("MF-B/2", "MF-M/2"), ("MF-M/2", "MF-L/2"), ("MF-L/2", "MF-XL/2"))),
+]
 
 
-def _paper(path: Path) -> dict:
-    with open(path) as f:
-        return {(r["table"], r["row"]): r for r in csv.DictReader(f)}
+def _paper(paths) -> dict:
+    """(table, row) -> the published row, over every CSV (MeanFlow's, iMF's)."""
+    out = {}
+    for path in paths:
+        with open(path) as f:
+            out.update({(r["table"], r["row"]): r for r in csv.DictReader(f)})
+    return out
+
+
+def _metrics(run: layout.RunPaths, nfe: int) -> dict | None:
+    p = run.metrics(nfe)
+    return json.loads(p.read_text()) if p.exists() else None
 
 
 def _fid(run: layout.RunPaths, nfe: int):
-    p = run.metrics(nfe)
-    if not p.exists():
-        return None
-    m = json.loads(p.read_text())
-    return m.get("value", m.get("fid"))   # value: FID, or fd_digits on the tiny tier
+    m = _metrics(run, nfe)
+    return None if m is None else m.get("value", m.get("fid"))   # value: FID, or fd_digits on the tiny tier
+
+
+def seeds(row) -> tuple[list, list, str | None]:
+    """A row's per-replica values (None where missing), bootstrap intervals and metric name."""
+    ms = [_metrics(p, row.nfe) for p in row.replica_paths]
+    vals = [None if m is None else m.get("value", m.get("fid")) for m in ms]
+    boot = [((m or {}).get("bootstrap") or {}).get("ci95") for m in ms]
+    return vals, boot, next((m.get("metric") for m in ms if m and m.get("metric")), None)
+
+
+def cell(mean, std, n) -> str:
+    """`mean ± std (n)`; one seed: `mean (1)`; none: empty."""
+    if not n:
+        return ""
+    return f"{mean:.2f} ± {std:.2f} ({n})" if std is not None else f"{mean:.2f} ({n})"
 
 
 def _steps(run: layout.RunPaths):
@@ -46,13 +85,18 @@ def _fmt(x):
 def frame(plan: Plan, table: str, paper: dict):
     """One table's rows as a DataFrame of Python objects (so 3 stays "3" and a missing FID empty)."""
     import pandas as pd
+    from meanflow.metrics.uncertainty import summary
     recs = []
     for r in (r for r in plan.rows if r.table == table):
         p = paper.get((r.table, r.row), {})
+        vals, boot, metric = seeds(r)
+        s = summary(vals)
         recs.append({ROW: r.row, SETTING: setting(plan, r, p.get("setting", r.experiment)), PAPER_FID: p.get("fid", ""),
-                     OUR_FID: _fid(r.paths, r.nfe), NFE: r.nfe, PAPER_EPOCHS: p.get("epochs", ""),
-                     OUR_STEPS: _steps(r.paths) or r.cfg.train.steps, RUN: r.run_id})
-    return pd.DataFrame(recs, columns=COLUMNS, dtype=object)
+                     OUR_FID: s["mean"], NFE: r.nfe, PAPER_EPOCHS: p.get("epochs", ""),
+                     OUR_STEPS: _steps(r.paths) or r.cfg.train.steps, RUN: SEP.join(r.run_ids),
+                     OUR_STD: s["std"], SEEDS: s["n"], PER_SEED: SEP.join("" if v is None else repr(v) for v in vals),
+                     BOOT: SEP.join("" if b is None else f"{b[0]:.4f}..{b[1]:.4f}" for b in boot), METRIC: metric or ""})
+    return pd.DataFrame(recs, columns=CSV_COLUMNS, dtype=object)
 
 
 def setting(plan: Plan, r, label: str) -> str:
@@ -61,18 +105,48 @@ def setting(plan: Plan, r, label: str) -> str:
     return f"{label} {labels.MARK}edited: {labels.note(diff)}" if diff else label
 
 
-def write(df, base: Path, title: str) -> None:
-    """base.csv (values as recorded), base.md and base.tex (FIDs to two decimals)."""
+def orderings(df, table: str) -> list[str]:
+    """The paper's orderings of this table that our rows can test: a Markdown section (empty if none)."""
+    from meanflow.metrics.uncertainty import ALPHA, ordering
+    vals = {r[ROW]: [float(v) for v in str(r[PER_SEED]).split(SEP) if v] for _, r in df.iterrows()}
+    tests = [o for o in ORDERINGS if o[0] == table and o[1] in vals and o[2] in vals]
+    if not tests:
+        return []
+    out = ["", "## Orderings", "",
+           f"One-sided Welch's t-test over seeds (rows may differ in variance; with 3 seeds a bootstrap over seeds "
+           f"has too few distinct resamples): `holds` p < {ALPHA}, `reversed` when the opposite test rejects, else "
+           "`not significant`. Lower is better.", "",
+           "| paper's ordering | worse | better | means | p | verdict |", "|---|---|---|---|---|---|"]
+    for _, worse, better, claim in tests:
+        o = ordering(vals[worse], vals[better])
+        m = [f"{sum(v) / len(v):.2f}" if v else "—" for v in (vals[worse], vals[better])]
+        pv = "—" if o["p"] is None else f"{o['p']:.3g}"
+        out.append(f"| {claim} | {worse} | {better} | {m[0]} > {m[1]}? | {pv} | {o['verdict']} |")
+    return out
+
+
+def shown(df):
+    """The displayed table (.md, .tex, the report): COLUMNS as text, ours as `mean ± std (n)`, the
+    first run id (+ how many more replicas)."""
+    out = df.astype(object).where(df.notna(), None)
+    ours = [cell(m, s, n) for m, s, n in zip(out[OUR_FID], out[OUR_STD], out[SEEDS])]
+    out = out[COLUMNS].apply(lambda c: c.map(_fmt) if c.name in FID_COLUMNS else c.map(str))
+    out[OUR_FID] = ours
+    out[RUN] = [r.split(SEP)[0] + (f" +{r.count(SEP)}" if SEP in r else "") for r in out[RUN]]
+    return out
+
+
+def write(df, base: Path, title: str, table: str | None = None) -> None:
+    """base.csv (values as recorded, per seed), base.md and base.tex (`mean ± std (n)`), orderings in .md."""
     df.to_csv(f"{base}.csv", index=False, lineterminator="\r\n")   # csv.DictWriter's bytes
-    shown = df.astype(object).where(df.notna(), None)
-    shown = shown.apply(lambda c: c.map(_fmt) if c.name in FID_COLUMNS else c.map(str))
-    md = shown.to_markdown(index=False, tablefmt="pipe", stralign=None, numalign=None, disable_numparse=True)
+    view = shown(df)
+    md = view.to_markdown(index=False, tablefmt="pipe", stralign=None, numalign=None, disable_numparse=True)
     head, rule, *body = md.splitlines()
     rule = re.sub(r"-+", "---", rule)   # tabulate pads the rule to the column widths; ours stays short
-    Path(f"{base}.md").write_text("\n".join([f"# {title}", "", head, rule, *body]) + "\n")
+    Path(f"{base}.md").write_text("\n".join([f"# {title}", "", head, rule, *body, *orderings(df, table)]) + "\n")
     # our escaper, not pandas' escape="latex": that writes "~" as \textasciitilde, changing the tables' bytes
-    tex = shown.style.hide(axis="index").format(_tex).format_index(_tex, axis=1)
-    Path(f"{base}.tex").write_text(tex.to_latex(hrules=True, column_format="l" + "r" * (len(df.columns) - 1)))
+    tex = view.style.hide(axis="index").format(_tex).format_index(_tex, axis=1)
+    Path(f"{base}.tex").write_text(tex.to_latex(hrules=True, column_format="l" + "r" * (len(view.columns) - 1)))
 
 
 def _tex(s: str) -> str:
@@ -81,30 +155,53 @@ def _tex(s: str) -> str:
     return s
 
 
-def build(params: dict, tier: str, out: str | Path = "results") -> Path:
-    plan = Plan(params, tier)
-    res = layout.results(tier, out)
+def build(params: dict, tier: str, out: str | Path = "results", tables: list[str] | None = None) -> Path:
+    """The tier's tables, plots, grids and manifest; `tables`: those tables instead (their plots,
+    grids and manifest go beside the tier's: layout.ResultPaths)."""
+    plan = Plan(params, tier, tables=tables)
+    res = layout.results(tier, out, plan.subset)
     for d in (res.tables, res.plots):
         d.mkdir(parents=True, exist_ok=True)
-    paper = _paper(config.ROOT / plan.paper)
+    paper = _paper(config.ROOT / p for p in plan.paper)
     for table in dict.fromkeys(r.table for r in plan.rows):
         df = frame(plan, table, paper)
-        write(df, res.tables / f"table_{table}", f"Table {table} ({tier} tier)")
+        write(df, res.tables / f"table_{table}", f"Table {table} ({tier} tier)", table)
         edited = {r.row: labels.note(d) for r in plan.rows if r.table == table and (d := labels.differences(params, r.cfg))}
-        report.write(df, res.report / f"table_{table}", report.caption(
+        report.write(shown(df), res.report / f"table_{table}", report.caption(
             df, table, tier, plan.base, edited, {"row": ROW, "paper": PAPER_FID, "ours": OUR_FID}))
     _plots(plan, res)
     _grids(plan.rows, res.grids)
     _logs(tier, res.logs)
     from meanflow import manifest   # here: manifest imports torch
-    inputs = {str(p): manifest.file_hash(p) for r in plan.rows if (p := r.paths.metrics(r.nfe)).exists()}
-    manifest.write_json(res.tables / "manifest.json", manifest.stamp(tier=tier, plan_hash=plan.hash(), inputs=inputs))
+    inputs = {str(p): manifest.file_hash(p) for r in plan.rows for rp in r.replica_paths if (p := rp.metrics(r.nfe)).exists()}
+    manifest.write_json(res.manifest, manifest.stamp(tier=tier, plan_hash=plan.hash(), inputs=inputs))
+    _fid_summary(plan, res)
     return res.root
 
 
 def grid_name(r) -> str:
     """grids/table_<t>_<row>_nfe<k>.png: a grid says the NFE it was sampled with."""
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", f"table_{r.table}_{r.row}") + f"_nfe{r.nfe}.png"
+
+
+def _fid_summary(plan: Plan, res: layout.ResultPaths):
+    """fid.json ({table: {row: FID}}, rows without metrics left out) and fid.csv: only the numbers,
+    so `dvc metrics show` / `dvc exp show` list FIDs, not environments and hashes."""
+    import pandas as pd
+    from meanflow import manifest
+    vals = []
+    for r in plan.rows:   # the mean over the row's seeds, as in the tables
+        got = [v for v in seeds(r)[0] if v is not None]
+        vals.append((r.table, r.row, sum(got) / len(got) if got else None))
+    summary: dict = {}
+    for t, row, v in vals:
+        if v is not None:
+            summary.setdefault(t, {})[row] = v
+    manifest.write_json(res.fid_json, summary)
+    tmp = manifest.tmp_path(res.fid_csv)
+    pd.DataFrame([{"table": t, "row": row, "label": f"{t} {row}", "fid": v} for t, row, v in vals if v is not None],
+                 columns=["table", "row", "label", "fid"]).to_csv(tmp, index=False)
+    tmp.replace(res.fid_csv)
 
 
 def _grids(rows, out: Path):
@@ -118,12 +215,12 @@ def _grids(rows, out: Path):
 
 def _logs(tier: str, out: Path):
     """The jobs' logs (logs/<tier>/<stage>[/<run>].log) as logs/<stage>[_<run>].log, for the report;
-    this job's own log is still being written and is left out."""
+    the tables jobs' own (tables.log, tables_<names>.log) are still being written and are left out."""
     out.mkdir(parents=True, exist_ok=True)
     src = layout.log(tier, "x").parent
     for f in sorted(src.rglob("*.log")) if src.is_dir() else []:
         rel = f.relative_to(src)
-        if rel != Path("tables.log"):
+        if not (len(rel.parts) == 1 and rel.name.startswith("tables")):
             shutil.copyfile(f, out / "_".join(rel.parts))
 
 
@@ -159,8 +256,9 @@ def _y_axis(ax):
 
 
 def _plot_fid_vs_nfe(plan: Plan, name: str, plt):
-    """One panel per table, a line per row's run over the NFEs it was sampled at; integer NFE ticks;
-    y in the metric's own name, log when the rows span more than 20x."""
+    """One panel per table, a line per row's run over the NFEs it was sampled at (mean over seeds,
+    error bars one std); integer NFE ticks; y in the metric's own name, log when the rows span more than 20x."""
+    from meanflow.metrics.uncertainty import summary
     tables = list(dict.fromkeys(r.table for r in plan.rows))
     fig, axes = _panels(plt, len(tables))
     for ax, table in zip(axes, tables):
@@ -170,10 +268,10 @@ def _plot_fid_vs_nfe(plan: Plan, name: str, plt):
                 continue
             seen.add(r.run_id)
             nfe = list(r.cfg.sample.nfe)
-            ys = [_fid(r.paths, k) for k in nfe]
-            if any(y is not None for y in ys):
-                ax.plot(nfe, [y if y is not None else float("nan") for y in ys], marker="o", ms=3, lw=1,
-                        label=r.row.removesuffix("-2nfe"))
+            st = [summary([_fid(p, k) for p in r.replica_paths]) for k in nfe]   # mean over seeds, bars one std
+            if any(x["n"] for x in st):
+                ax.errorbar(nfe, [x["mean"] if x["n"] else float("nan") for x in st], yerr=[x["std"] or 0.0 for x in st],
+                            marker="o", ms=3, lw=1, capsize=2, label=r.row.removesuffix("-2nfe"))
         ax.set_title(f"Table {table}", fontsize=9)
         ax.set_xticks(sorted({k for r in plan.rows if r.table == table for k in r.cfg.sample.nfe}))
         ax.set_xlabel("NFE", fontsize=8)
@@ -188,22 +286,26 @@ def _plot_fid_vs_nfe(plan: Plan, name: str, plt):
 
 
 def _plot_fid_vs_size(plan: Plan, name: str, plt):
-    """Table 2 rows at 1 NFE against the network's parameter count proxy (depth x hidden^2 on tiny)."""
+    """Table 2 rows at 1 NFE (mean over seeds, error bars one std) against the network's parameter
+    count proxy (depth x hidden^2 on tiny)."""
+    from meanflow.metrics.uncertainty import summary
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     pts = []
     for r in plan.rows:
         if r.table == "2" and r.nfe == 1:
             m = r.cfg.model
-            pts.append((r.row, (m.depth or 0) * (m.hidden or 0) ** 2 if m.name == "custom" else None, _fid(r.paths, 1)))
-    pts = [p for p in pts if p[2] is not None]
+            st = summary([_fid(p, 1) for p in r.replica_paths])
+            pts.append((r.row, (m.depth or 0) * (m.hidden or 0) ** 2 if m.name == "custom" else None, st))
+    pts = [p for p in pts if p[2]["n"]]
+    ys, err = [p[2]["mean"] for p in pts], [p[2]["std"] or 0.0 for p in pts]
     if pts and all(p[1] for p in pts):
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o")
-        for row, x, y in pts:
+        ax.errorbar([p[1] for p in pts], ys, yerr=err, marker="o", capsize=2)
+        for (row, x, _), y in zip(pts, ys):
             ax.annotate(row, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("depth x hidden^2 (tiny-tier size proxy)")
     elif pts:
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], marker="o")
+        ax.errorbar([p[0] for p in pts], ys, yerr=err, marker="o", capsize=2)
         ax.set_xlabel("model")
     else:
         ax.text(0.5, 0.5, "no Table 2 row measured", ha="center", va="center", transform=ax.transAxes)

@@ -86,9 +86,9 @@ class EMA:
 def step(objective, net, opt, x, y=None, *, ema=None, averager=None, grad_net=None, generator=None,
          draws: dict | None = None, stop: bool = False, where: str = "") -> tuple[list[float], bool]:
     """One optimisation step: forward (bf16 autocast on GPU), backward, gradients averaged over
-    ranks (`averager`), update, EMA. The objective draws (e, t, r, drop) from `generator` unless
-    `draws` gives them. Returns the METRICS (global means) and the global stop flag (any rank's
-    `stop`): one host sync. A non-finite loss raises NonFiniteLoss before the update."""
+    ranks (`averager`), update, EMA. The objective draws (e, t, r, drop; iMF's omega, t_min,
+    t_max) from `generator` unless `draws` gives them. Returns the METRICS (global means) and the
+    global stop flag (any rank's `stop`): one host sync. A non-finite loss raises NonFiniteLoss before the update."""
     if averager:
         averager.zero()
     else:
@@ -181,7 +181,7 @@ class Trainer:
     def __init__(self, cfg, env: Dist, progress: bool = True):
         from .data import Store
         from .models import build_model
-        from .objective import MeanFlow
+        from .imf import build_objective
         self.cfg, self.env, self.progress, tc = cfg, env, progress, cfg.train
         self.paths, self.device = layout.run(cfg), env.device
         self.run_dir = self.paths.root
@@ -199,7 +199,7 @@ class Trainer:
         if len(self.store) == 0:
             raise TrainError(f"{self.store.path}: the store is empty")
         self.sampler = EpochSampler(len(self.store), tc.seed)
-        self.objective = MeanFlow(cfg.meanflow, d.num_classes)
+        self.objective = build_objective(cfg.meanflow, d.num_classes)
 
         torch.manual_seed(seed_of(tc.seed, "init"))
         self.net = build_model(cfg).to(self.device)
@@ -229,8 +229,7 @@ class Trainer:
         torch.manual_seed(seed_of(self.cfg.train.seed, "torch", k, self.env.rank))  # dropout
         try:
             return step(self.objective, self.net, self.opt, b.x, b.y, ema=self.ema, averager=self.averager,
-                        grad_net=self.fwd, draws={"e": b.e, "t": b.t, "r": b.r, "drop": b.drop}, stop=stop,
-                        where=f" at step {k + 1}")
+                        grad_net=self.fwd, draws=b.draws(), stop=stop, where=f" at step {k + 1}")
         except NonFiniteLoss as e:
             last = checkpoints(self.run_dir)
             raise NonFiniteLoss(f"{e}; last good checkpoint: {last[-1][1] if last else 'none'}") from None

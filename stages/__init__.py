@@ -23,13 +23,19 @@ def parser(name: str, doc: str, experiment: str | None = None) -> argparse.Argum
     p.add_argument("--tier", help=f"tier to run: one of the file's `tiers` ({_tiers()}; default: the file's `tier`)")
     if experiment:
         p.add_argument("--experiment", help=experiment)
+        p.add_argument("--replicate", type=int, default=0,
+                       help="replica i of train.replicates: train.seed + i, sample.seed + i (default: %(default)s)")
     return p
 
 
 def load(args, where: str = "", **sections) -> config.Config:
-    """The config of --params/--tier/--experiment with `sections` ({section: {key: value}}, None values
-    dropped) merged over it and validated again; `where` names the options in error messages."""
+    """The config a stage runs: --params/--tier/--experiment, replica --replicate of it
+    (meanflow.plan.replica: train.seed + i, sample.seed + i), then `sections` ({section: {key: value}},
+    None values dropped: the stage's own CLI overrides) merged over it and validated again; `where`
+    names the options in error messages."""
+    from meanflow import plan
     cfg = config.load(args.params, tier=args.tier, experiment=getattr(args, "experiment", None))
+    cfg = plan.replica(cfg, getattr(args, "replicate", 0))
     over = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in sections.items()}
     if not any(over.values()):
         return cfg

@@ -1,12 +1,16 @@
 """Compare two result sets (directories with results/<tier>/tables/*.csv and run manifests, or
 bundles from `python -m stages.export`):
 
-    python -m stages.compare A B --out report.md [--tol 1.0] [--force]
+    python -m stages.compare A B --out report.md [--tol 0.05] [--force]
 
-Writes a Markdown report: FIDs side by side with deltas and a verdict against --tol, the params
-and environments that differ, and which artifacts are bit-identical. Exit codes: 0 every row within
-tolerance; 3 some rows flagged (out of tolerance, missing, or different params; the report is still
-written); 2 bad input (missing result set, no tables, existing --out without --force)."""
+Writes a Markdown report: each table row's metric (mean ± std over seeds) side by side with a
+noise-aware verdict (`consistent` unless Welch's two-sided t-test over the seeds rejects equal
+means at p < 0.05, then `differs`; `no noise estimate` with one seed, shown against a per-tier
+relative fallback tolerance), every metrics file of the runs the tables use, the params and
+environments that differ, and an artifact summary. Exit codes: 0 every row consistent (or within
+the one-seed fallback); 3 some rows flagged (differs, missing, different params, outside the
+fallback; the report is still written); 2 bad input (missing result set, no tables, existing
+--out without --force)."""
 import argparse
 import sys
 import tempfile
@@ -21,7 +25,8 @@ def main(argv=None):
     p.add_argument("a", help="first result set (directory or bundle .tar.gz)")
     p.add_argument("b", help="second result set (directory or bundle .tar.gz)")
     p.add_argument("--out", required=True, help="report path (.md)")
-    p.add_argument("--tol", type=float, default=1.0, help="FID tolerance, absolute (default: %(default)s)")
+    p.add_argument("--tol", type=float, help="relative fallback tolerance for one-seed rows (default: per tier, "
+                   "meanflow.compare.FALLBACK_REL; never used where both sides have seeds)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -38,7 +43,7 @@ def main(argv=None):
     tmp = manifest.tmp_path(out)
     tmp.write_text(rep.text)
     tmp.replace(out)
-    print(f"{out}: {rep.rows_ok} rows within tolerance, {rep.rows_bad} flagged"
+    print(f"{out}: {rep.rows_ok} rows consistent, {rep.rows_bad} flagged"
           + ("; params differ" if rep.params_differ else ""))
     sys.exit(0 if rep.rows_bad == 0 else 3)
 

@@ -5,9 +5,9 @@ data.inception_weights, else torch-fidelity's release file (needs the network on
 sample.features = digits (tiny tier) the value is "fd_digits", a Frechet distance in the digits
 classifier's features, not an Inception FID."""
 
-from meanflow import config, metrics
+from meanflow import metrics
 from meanflow.data import DataError
-from stages import EXPERIMENT, parser, run
+from stages import EXPERIMENT, load, parser, run
 
 
 def main(argv=None):
@@ -18,7 +18,7 @@ def main(argv=None):
                    help="evaluate fewer samples than sample.n (e.g. the shards done so far); the metric is then biased")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    run(p, lambda: metrics.evaluate_all(config.load(args.params, tier=args.tier, experiment=args.experiment), args.nfe,
+    run(p, lambda: metrics.evaluate_all(load(args), args.nfe,
                                         args.allow_fewer, args.inception_weights, progress=not args.no_progress),
         DataError, metrics.MetricError)
 

@@ -12,7 +12,7 @@ Splitting: --shard i --num-shards n on each job (e.g. a SLURM array), and/or tor
 to finish writes the manifest."""
 from pathlib import Path
 
-from meanflow import generate
+from meanflow import config, generate
 from meanflow.data import DataError
 from stages import EXPERIMENT, load, parser, run
 
@@ -38,6 +38,9 @@ def main(argv=None):
     p.add_argument("--shard", type=int, default=0, help="this job's number, 0-based (default: 0)")
     p.add_argument("--num-shards", type=int, default=1, help="number of jobs sharing the work (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--omega", type=float, help="iMF: CFG scale the network is conditioned on, every NFE (sample.guidance)")
+    p.add_argument("--t-min", type=float, help="iMF: start of the CFG interval (sample.guidance)")
+    p.add_argument("--t-max", type=float, help="iMF: end of the CFG interval (sample.guidance)")
     args = p.parse_args(argv)
 
     def sample():
@@ -49,6 +52,11 @@ def main(argv=None):
         cfg = load(args, given, train={"steps": args.steps},
                    sample={"weights": weights(args.ckpt), "n": args.n, "seed": args.seed,
                            "schedule": args.schedule, "nfe": nfe or None})
+        g = {k: v for k, v in (("omega", args.omega), ("t_min", args.t_min), ("t_max", args.t_max)) if v is not None}
+        if g:   # replaces sample.guidance whole: an NFE's own entry would otherwise win over "all"
+            raw = config.deep_merge(cfg.raw, {})
+            raw["sample"]["guidance"] = {"all": g}
+            cfg = config.build(raw, cfg.tier, cfg.experiment, where=f"{args.params} with --omega/--t-min/--t-max {g}")
         return generate.generate(cfg, nfe or None, args.shard, args.num_shards, progress=not args.no_progress, root=args.out)
     run(p, sample, DataError, generate.SampleError, ValueError)
 

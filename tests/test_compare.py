@@ -1,5 +1,6 @@
-"""stages.compare / stages.export on synthetic result sets: FIDs side by side with verdicts, params
-and environments that differ, bit-identical artifacts, bundles, and refusal on bad input."""
+"""stages.compare / stages.export on synthetic result sets of known truth: noise-aware verdicts
+(consistent / differs / no noise estimate), metrics files, params and environments that differ,
+artifact summaries, stray run directories, table order, bundles, and refusal on bad input."""
 import csv
 import json
 import shutil
@@ -15,22 +16,30 @@ ROOT = Path(__file__).resolve().parent.parent
 COLS = tables.COLUMNS
 
 
-def make_set(root: Path, fids: dict, params_hash="abc123", gpu="NVIDIA H100", tier="tiny", lr=0.001):
+def make_set(root: Path, fids: dict, params_hash="abc123", gpu="NVIDIA H100", tier="tiny", lr=0.001, se=0.1):
+    """A result set: table_2 with rows {(row, nfe): value or [value per seed]}, one run per seed
+    (runs/<tier>/dit-<i>) with its train manifest and metrics_nfe1.json, and the weights."""
     t = root / "results" / tier / "tables"
     t.mkdir(parents=True)
     with open(t / "table_2.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLS)
+        w = csv.DictWriter(f, tables.CSV_COLUMNS)
         w.writeheader()
         for (row, nfe), fid in fids.items():
-            w.writerow({tables.ROW: row, tables.SETTING: "x", tables.PAPER_FID: 3.43, tables.OUR_FID: fid,
-                        tables.NFE: nfe, tables.PAPER_EPOCHS: "", tables.OUR_STEPS: 10, tables.RUN: "dit-abc"})
-    run = root / "runs" / tier / "dit-abc"
-    run.mkdir(parents=True)
-    env = {"host": "h", "gpu": gpu, "packages": {"torch": "2.14.1"}}
-    (run / "train_manifest.json").write_text(json.dumps(
-        {"tier": tier, "params_hash": params_hash, "run_id": "dit-abc", "env": env, "config": {"train": {"lr": lr}}}))
-    (run / "metrics_nfe1.json").write_text(json.dumps({"fid": list(fids.values())[0]}))
-    (run / "ema.safetensors").write_bytes(b"weights")
+            vals = fid if isinstance(fid, list) else [fid]
+            runs = [f"dit-{i}" for i in range(len(vals))]
+            w.writerow({tables.ROW: row, tables.SETTING: "x", tables.PAPER_FID: 3.43, tables.OUR_FID: sum(vals) / len(vals),
+                        tables.NFE: nfe, tables.PAPER_EPOCHS: "", tables.OUR_STEPS: 10, tables.RUN: tables.SEP.join(runs),
+                        tables.PER_SEED: tables.SEP.join(map(repr, vals)), tables.SEEDS: len(vals), tables.METRIC: "fd_digits"})
+    first = list(fids.values())[0]
+    for i, v in enumerate(first if isinstance(first, list) else [first]):
+        run = root / "runs" / tier / f"dit-{i}"
+        run.mkdir(parents=True)
+        env = {"host": "h", "gpu": gpu, "packages": {"torch": "2.14.1"}}
+        (run / "train_manifest.json").write_text(json.dumps(
+            {"tier": tier, "params_hash": params_hash, "run_id": f"dit-{i}", "env": env, "config": {"train": {"lr": lr}}}))
+        (run / "metrics_nfe1.json").write_text(json.dumps({"metric": "fd_digits", "metric_name": "Frechet distance in digits features",
+                                                           "value": v, "bootstrap": {"se": se}}))
+        (run / "ema.safetensors").write_bytes(b"weights")
     (root / "params.yaml").write_text("tier: tiny\n")
     return root
 
@@ -40,36 +49,68 @@ def cli(mod, *args):
                           capture_output=True, text=True, timeout=120)
 
 
-def test_same_results_within_tolerance(tmp_path):
-    a = make_set(tmp_path / "a", {("MF-B/4", 1): 6.10, ("MF-B/4", 2): 5.00})
-    b = make_set(tmp_path / "b", {("MF-B/4", 1): 6.30, ("MF-B/4", 2): 5.00}, gpu="NVIDIA A100")
-    r = cli("compare", a, b, "--out", tmp_path / "r.md", "--tol", 0.5)
-    assert r.returncode == 0, r.stderr
+def test_same_results_consistent_within_seed_noise(tmp_path):
+    """Three seeds each, B shifted by much less than the seed spread: consistent (Welch p >= 0.05);
+    the report names the metric, renders environments as JSON, and lists only differing artifacts."""
+    a = make_set(tmp_path / "a", {("MF-B/4", 1): [6.1, 7.0, 5.2], ("MF-B/4", 2): [5.0, 5.5, 4.5]})
+    b = make_set(tmp_path / "b", {("MF-B/4", 1): [6.3, 7.4, 5.5], ("MF-B/4", 2): [5.0, 5.5, 4.5]}, gpu="NVIDIA A100")
+    r = cli("compare", a, b, "--out", tmp_path / "r.md")
+    assert r.returncode == 0, r.stdout + r.stderr
     text = (tmp_path / "r.md").read_text()
-    assert "| 2 | MF-B/4 | 1 | 3.43 | 6.10 | 6.30 | +0.20 | ok |" in text
-    assert "| env.gpu" not in text and "| gpu | NVIDIA H100 | NVIDIA A100 |" in text
-    assert "runs/tiny/dit-abc/train_manifest.json" in text
-    # the tables differ, the weights (same bytes) are identical
-    assert "| runs/tiny/dit-abc/ema.safetensors |" in text and "| yes |" in text
-    assert "| results/tiny/tables/table_2.csv |" in text
+    assert "| 2 | MF-B/4 | 1 | 3.43 | 6.10 ± 0.90 (3) | 6.40 ± 0.95 (3) | +0.30 |" in text
+    assert [x for x in text.splitlines() if x.startswith("| 2 | MF-B/4 | 1 |")][0].endswith("| consistent |")
+    assert "metric on tiny: fd_digits (Frechet distance in digits features)" in text
+    assert '| gpu | "NVIDIA H100" | "NVIDIA A100" |' in text
+    # the weights (same bytes) are counted, not listed; the changed table and train manifests are listed
+    assert "| runs/tiny/dit-0/ema.safetensors |" not in text and "| results/tiny/tables/table_2.csv |" in text
+    assert "3 bit-identical, " in text
+    # metrics files: a shift within 1.96 * sqrt(se_A^2 + se_B^2) is not a difference
+    assert "3 in both: 0 equal, 1 within their bootstrap noise, 2 differ" in text   # se 0.1 each: 0.2 within, 0.3+ not
 
 
-def test_out_of_tolerance_and_missing_rows(tmp_path):
-    a = make_set(tmp_path / "a", {("MF-B/4", 1): 6.10, ("MF-L/2", 1): 4.0})
-    b = make_set(tmp_path / "b", {("MF-B/4", 1): 9.10})
-    r = cli("compare", a, b, "--out", tmp_path / "r.md", "--tol", 1.0)
-    assert r.returncode == 3
-    text = (tmp_path / "r.md").read_text()
-    assert "+3.00 | OUT OF TOLERANCE" in text and "MISSING in B" in text
-
-
-def test_different_params_are_flagged(tmp_path):
-    a = make_set(tmp_path / "a", {("MF-B/4", 1): 6.10})
-    b = make_set(tmp_path / "b", {("MF-B/4", 1): 6.10}, params_hash="zzz999", lr=0.002)
+def test_differs_and_missing_rows_and_one_seed(tmp_path):
+    """A real shift (10 seed stds) differs; a missing row is flagged; one seed per side gives no
+    noise estimate and only the per-tier fallback (tiny 5%)."""
+    a = make_set(tmp_path / "a", {("MF-B/4", 1): [6.0, 6.2, 5.8], ("MF-L/2", 1): [4.0, 4.1, 3.9]})
+    b = make_set(tmp_path / "b", {("MF-B/4", 1): [8.0, 8.2, 7.8]})
     r = cli("compare", a, b, "--out", tmp_path / "r.md")
     assert r.returncode == 3
     text = (tmp_path / "r.md").read_text()
-    assert "PARAMS DIFFER" in text and "params differ" in text
+    assert "| +2.00 | 0.000" in text and "| differs |" in text and "MISSING in B" in text
+    c, d = make_set(tmp_path / "c", {("MF-B/4", 1): 96.5}), make_set(tmp_path / "d", {("MF-B/4", 1): 93.5})
+    rep = compare.compare(compare.load(c), compare.load(d))
+    assert "| no noise estimate (within 5% fallback) |" in rep.text and rep.rows_bad == 0
+    rep = compare.compare(compare.load(c), compare.load(d), tol=0.01)
+    assert "no noise estimate (OUTSIDE 1% fallback)" in rep.text and rep.rows_bad == 1
+
+
+def test_extra_run_directory_and_unread_metrics(tmp_path):
+    """A stray run directory in one set is counted, not compared (no 'params differ'); a changed
+    metrics file of a used run shows in the metrics section even when no table reads it; rows keep
+    table order (ratio_0, ratio_25, ratio_100: not text order)."""
+    rows = {("ratio_0", 1): [9.0, 9.5, 8.5], ("ratio_25", 1): [5.0, 5.2, 4.8], ("ratio_100", 1): [6.0, 6.1, 5.9]}
+    a, b = make_set(tmp_path / "a", rows), make_set(tmp_path / "b", rows)
+    stray = b / "runs" / "tiny" / "by-hand"
+    stray.mkdir()
+    (stray / "train_manifest.json").write_text(json.dumps({"tier": "tiny", "params_hash": "other", "run_id": "by-hand",
+                                                           "config": {"train": {"lr": 9}}}))
+    (b / "runs" / "tiny" / "dit-1" / "metrics_nfe2.json").write_text(json.dumps({"value": 50.0, "bootstrap": {"se": 0.1}}))
+    (a / "runs" / "tiny" / "dit-1" / "metrics_nfe2.json").write_text(json.dumps({"value": 40.0, "bootstrap": {"se": 0.1}}))
+    rep = compare.compare(compare.load(a), compare.load(b))
+    assert rep.rows_bad == 0 and not rep.params_differ and "PARAMS DIFFER" not in rep.text
+    assert "1 run directories no table uses: `runs/tiny/by-hand`" in rep.text
+    assert "| runs/tiny/dit-1/metrics_nfe2.json | 40.0000 | 50.0000 |" in rep.text
+    order = [x.split(" | ")[1] for x in rep.text.splitlines() if x.startswith("| 2 | ratio")]
+    assert order == ["ratio_0", "ratio_25", "ratio_100"]
+
+
+def test_different_params_are_flagged(tmp_path):
+    a = make_set(tmp_path / "a", {("MF-B/4", 1): [6.1, 6.2, 6.0]})
+    b = make_set(tmp_path / "b", {("MF-B/4", 1): [6.1, 6.2, 6.0]}, params_hash="zzz999", lr=0.002)
+    r = cli("compare", a, b, "--out", tmp_path / "r.md")
+    assert r.returncode == 3
+    text = (tmp_path / "r.md").read_text()
+    assert "PARAMS DIFFER" in text and "params differ" in r.stdout
     assert "train.lr | 0.001 | 0.002" in text
 
 
@@ -88,7 +129,7 @@ def test_export_bundle_roundtrip(tmp_path):
     # a bundle compares with a directory; artifacts identical by hash
     r = cli("compare", bundle, a, "--out", tmp_path / "r.md")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "| results/tiny/tables/table_2.csv |" in (tmp_path / "r.md").read_text()
+    assert "0 differ, 0 only in A, 1 only in B" in (tmp_path / "r.md").read_text()   # the bundle holds no weights
 
 
 def test_bad_input(tmp_path):
@@ -121,5 +162,6 @@ def test_tables_stage_column_names(tmp_path):
         (t / "table_3.csv").write_text("row,setting,paper FID,our FID,NFE,paper epochs,our steps,run\n"
                                        f"MF-CIFAR10,x,2.92,{fid},1,,5,unet-tiny-abc\n")
         sets.append(compare.load(tmp_path / name))
-    rep = compare.compare(*sets, tol=0.5)
-    assert "| 3 | MF-CIFAR10 | 1 | 2.92 | 10.00 | 10.40 | +0.40 | ok |" in rep.text and rep.rows_bad == 0
+    rep = compare.compare(*sets)   # tables from before replicates: one value, tiny's 5% fallback
+    assert "| 3 | MF-CIFAR10 | 1 | 2.92 | 10.00 (1) | 10.40 (1) | +0.40 | — | no noise estimate (within 5% fallback) |" \
+        in rep.text and rep.rows_bad == 0

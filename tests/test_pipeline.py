@@ -1,7 +1,9 @@
 """The pipeline wiring: params -> table-row map -> Snakemake DAG == dvc.yaml. Dry-run based; the
 rerun tests use fake stage outputs in a temp copy of the repository (no stage runs)."""
+import copy
 import csv
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -27,6 +29,14 @@ COPY = ["Snakefile", "workflow", "meanflow", "stages", "params.yaml", "reference
 @pytest.fixture(scope="module")
 def params():
     return config.load_params()
+
+
+@pytest.fixture
+def params3(params):
+    """params.yaml with three seeds per row on tiny (the tier itself keeps 1 for make run's budget)."""
+    p = copy.deepcopy(params)
+    p["tiers"]["tiny"]["train"]["replicates"] = 3
+    return p
 
 
 def copy_repo(dst: Path) -> Path:
@@ -62,8 +72,10 @@ def dry_jobs(cwd, tier):
 
 # --------------------------------------------------------------------------- params and table map
 def test_every_paper_row_is_a_table_row(params):
-    with open(ROOT / "reference" / "paper_results.csv") as f:
-        paper = {(r["table"], r["row"], int(r["nfe"])) for r in csv.DictReader(f)}
+    paper = set()
+    for name in ("paper_results.csv", "imf_results.csv"):   # MeanFlow's and iMF's published rows
+        with open(ROOT / "reference" / name) as f:
+            paper |= {(r["table"], r["row"], int(r["nfe"])) for r in csv.DictReader(f)}
     ours = {(r.table, r.row, r.nfe) for t in TIERS for r in plan.rows(params, t)}
     assert paper == ours
 
@@ -75,7 +87,9 @@ def test_identical_configs_share_one_run(params):
     assert len({rows[k] for k in defaults}) == 1
     assert rows[("1f", "omega_2.0")] == rows[("5", "kappa_0.0")]
     assert rows[("2", "MF-XL/2")] == rows[("2", "MF-XL/2-2nfe")]
-    assert len(set(rows.values())) == 31
+    assert rows[("2", "MF-B/2")] == rows[("imf1", "mf")] and rows[("imf1", "longer")] == rows[("imf2", "iMF-B/2")]
+    assert rows[("imf2", "iMF-XL/2")] == rows[("imf2", "iMF-XL/2-2nfe")]
+    assert len(set(rows.values())) == 31 + 6 + 4   # imf1: 6 new runs (mf is MF-B/2); imf2: 4
 
 
 def test_per_tier_experiment_overrides(params):
@@ -128,7 +142,7 @@ def test_snakemake_and_dvc_agree(repo, tier):
 def test_imagenet_dry_run_lists_the_paper_dag(repo):
     rules = [r for r, _, _ in dry_jobs(repo, "imagenet")]
     assert {r: rules.count(r) for r in set(rules)} == {
-        "acquire": 1, "encode": 1, "refstats": 1, "train": 31, "sample": 31, "fid": 31, "tables": 1}
+        "acquire": 1, "encode": 1, "refstats": 1, "train": 41, "sample": 41, "fid": 41, "tables": 1}   # 31 MF + 10 iMF
 
 
 # --------------------------------------------------------------------------- validation and reruns
@@ -198,33 +212,62 @@ def test_one_value_change_reruns_one_chain(done_repo):
     assert sorted(rules) == ["fid", "sample", "tables", "train"]
 
 
-def test_tables_rows_values_and_grids(params, tmp_path, monkeypatch):
+def test_tables_rows_values_and_grids(params3, tmp_path, monkeypatch):
     """tables.build puts each row's metric (fd_digits on tiny) beside the paper's FID and copies
     the row's sample grid; rows without metrics stay empty."""
     monkeypatch.chdir(tmp_path)
-    rows = {r.row: r for r in plan.rows(params, "tiny")}
+    rows = {r.row: r for r in plan.rows(params3, "tiny")}
     r0, r25 = rows["ratio_0"], rows["ratio_25"]
     for r, v in ((r0, 41.5), (r25, 7.25)):
         (Path(r.run_dir) / "samples_nfe1").mkdir(parents=True)
         (Path(r.run_dir) / "samples_nfe1" / "grid.png").write_bytes(b"png " + r.row.encode())
         (Path(r.run_dir) / "metrics_nfe1.json").write_text(
             f'{{"metric": "fd_digits", "value": {v}, "fd_digits": {v}}}')
-    root = tables.build(params, "tiny", out=tmp_path / "results")
+    root = tables.build(params3, "tiny", out=tmp_path / "results")
     recs = list(csv.DictReader(open(root / "tables" / "table_1a.csv")))
     got = {x["row"]: x["our FID"] for x in recs}
     assert got["ratio_0"] == "41.5" and got["ratio_25"] == "7.25" and got["ratio_50"] == ""
+    assert recs[0]["seeds"] == "1" and recs[0]["our FID per seed"] == "41.5;;" and recs[0]["run"] == ";".join(r0.run_ids)
     assert [x["paper FID"] for x in recs][:2] == ["328.91", "61.06"]
     assert (root / "grids" / "table_1a_ratio_0_nfe1.png").read_bytes() == b"png ratio_0"
     md = (root / "tables" / "table_1a.md").read_text().splitlines()
     assert md[:4] == ["# Table 1a (tiny tier)", "", "| row | setting | paper FID | our FID | NFE | paper epochs | "
                       "our steps | run |", "|---|---|---|---|---|---|---|---|"]
-    assert md[4] == f"| ratio_0 | ratio of r!=t = 0% (plain flow matching) | 328.91 | 41.50 | 1 | 80 | " \
-                    f"{r0.cfg.train.steps} | {r0.run_id} |"
+    assert md[4] == f"| ratio_0 | ratio of r!=t = 0% (plain flow matching) | 328.91 | 41.50 (1) | 1 | 80 | " \
+                    f"{r0.cfg.train.steps} | {r0.run_id} +2 |"
     tex = (root / "tables" / "table_1a.tex").read_text()
     assert tex.startswith("\\begin{tabular}{lrrrrrrr}\n\\toprule\nrow & setting & paper FID & our FID & NFE & "
                           "paper epochs & our steps & run \\\\\n\\midrule\nratio\\_0 & ratio of r!=t = 0\\% "
-                          "(plain flow matching) & 328.91 & 41.50 & 1 & 80 & ")
+                          "(plain flow matching) & 328.91 & 41.50 (1) & 1 & 80 & ")
     assert tex.endswith("\\bottomrule\n\\end{tabular}\n")
     raw = (root / "tables" / "table_1a.csv").read_bytes()
-    assert raw.startswith(b"row,setting,paper FID,our FID,NFE,paper epochs,our steps,run\r\nratio_0,")
+    assert raw.startswith(b"row,setting,paper FID,our FID,NFE,paper epochs,our steps,run,our FID std,seeds,"
+                          b"our FID per seed,bootstrap 95% per seed,metric\r\nratio_0,")
     assert not (root / "grids" / "table_1a_ratio_50_nfe1.png").exists()
+
+
+def test_tables_mean_std_per_seed_and_orderings(params3, tmp_path, monkeypatch):
+    """Three seeds per row: the .md cell is mean ± std (3), the .csv keeps each seed and each run's
+    bootstrap interval, and the orderings section tests Table 1a's FM-vs-MF ordering over seeds."""
+    monkeypatch.chdir(tmp_path)
+    rows = {r.row: r for r in plan.rows(params3, "tiny") if r.table == "1a"}
+    fids = {"ratio_0": [40.0, 42.0, 44.0], "ratio_25": [7.0, 8.0, 9.0], "ratio_50": [6.0, 9.0, 12.0]}
+    for name, vals in fids.items():
+        assert len(rows[name].replica_paths) == 3
+        for p, v in zip(rows[name].replica_paths, vals):
+            p.root.mkdir(parents=True)
+            p.metrics(1).write_text(json.dumps({"metric": "fd_digits", "value": v,
+                                                 "bootstrap": {"ci95": [v - 0.5, v + 0.25]}}))
+    root = tables.build(params3, "tiny", out=tmp_path / "results")
+    recs = {x["row"]: x for x in csv.DictReader(open(root / "tables" / "table_1a.csv"))}
+    assert recs["ratio_0"]["our FID"] == "42.0" and recs["ratio_0"]["our FID std"] == "2.0"
+    assert recs["ratio_0"]["our FID per seed"] == "40.0;42.0;44.0" and recs["ratio_0"]["seeds"] == "3"
+    assert recs["ratio_0"]["bootstrap 95% per seed"] == "39.5000..40.2500;41.5000..42.2500;43.5000..44.2500"
+    assert recs["ratio_0"]["metric"] == "fd_digits" and recs["ratio_100"]["seeds"] == "0"
+    md = (root / "tables" / "table_1a.md").read_text()
+    assert "| 42.00 ± 2.00 (3) |" in md and "| 8.00 ± 1.00 (3) |" in md
+    o = md.split("## Orderings")[1].splitlines()
+    holds = [x for x in o if "| ratio_0 | ratio_25 |" in x][0]
+    assert holds.endswith("| holds |") and "42.00 > 8.00?" in holds
+    assert [x for x in o if "| ratio_100 |" in x][0].endswith("| — | missing |")   # no metrics, no test
+    assert "± " in (root / "tables" / "table_1a.tex").read_text()

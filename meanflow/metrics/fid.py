@@ -21,7 +21,7 @@ import torch
 
 from .. import layout, manifest, runtime, shards as shardsmod
 from ..sampling import schedules
-from . import features as digits
+from . import features as digits, uncertainty
 
 log = logging.getLogger(__name__)
 FID, FID_NAME = "fid", "FID: Frechet distance of Inception-v3 pool3 features (torch-fidelity inception-v3-compat)"
@@ -63,9 +63,10 @@ def exact_fp32():
 
 
 @torch.inference_mode()
-def extract(fe, arrays, batch: int, device, bar=None):
+def extract(fe, arrays, batch: int, device, bar=None, rows: list | None = None):
     """Feature moments (float64) and logits of uint8 N x H x W x C arrays; a grayscale image is
-    given to an RGB extractor as three equal channels (as refstats does)."""
+    given to an RGB extractor as three equal channels (as refstats does). `rows`, if given,
+    collects the float32 feature rows (for the bootstrap)."""
     from .reference import Moments
     acc, logits = Moments(), []
     rgb = not isinstance(fe, digits.FeatureExtractorDigits)
@@ -76,6 +77,8 @@ def extract(fe, arrays, batch: int, device, bar=None):
                 x = x.expand(-1, 3, -1, -1)
             f, lg = fe(x.to(device))
             acc.update(f.double().cpu().numpy())
+            if rows is not None:
+                rows.append(f.float().cpu().numpy())
             logits.append(lg.float().cpu())
             if bar is not None:
                 bar.update(len(x))
@@ -168,8 +171,10 @@ def evaluate(cfg, nfe: int, allow_fewer: bool = False, inception_weights: str | 
 
     with exact_fp32(), tqdm(total=count, unit="img", desc=f"{space.metric} nfe={nfe}", disable=not progress,
                             mininterval=1 if sys.stderr.isatty() else 30) as bar:
-        acc, logits = extract(space.fe, arrays(), s.fid_batch, device, bar)
+        feats: list = []
+        acc, logits = extract(space.fe, arrays(), s.fid_batch, device, bar, feats)
     value = frechet(acc.mean, acc.sigma, space.mu, space.sigma)
+    boot = uncertainty.bootstrap(np.concatenate(feats), space.mu, space.sigma, value)
     isc = inception_score(logits)
     log.info("run %s nfe=%d: %s = %.4f over %d samples", cfg.run_id, nfe, space.metric, value, count)
     body = manifest.stamp(
@@ -185,7 +190,7 @@ def evaluate(cfg, nfe: int, allow_fewer: bool = False, inception_weights: str | 
         reference={"path": str(space.ref_path), "sha256": manifest.file_hash(space.ref_path), **space.ref_meta},
         feature_extractor={"name": space.name, "layers": space.layers, "weights": str(space.weights),
                            "weights_sha256": space.weights_sha256},
-        inception_score=({**isc, "layer": space.layers[1]} if isc else None))
+        inception_score=({**isc, "layer": space.layers[1]} if isc else None), bootstrap=boot)
     return manifest.write_json(layout.run(cfg).metrics(nfe), body)
 
 

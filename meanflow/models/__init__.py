@@ -21,6 +21,9 @@ def build_model(cfg) -> nn.Module:
         return DiT(input_size=d.input_size, patch=patch, in_channels=d.channels, hidden=hidden, depth=depth,
                    heads=heads, mlp_ratio=m.mlp_ratio, num_classes=d.num_classes, time_cond=m.time_cond,
                    t_scale=m.t_scale)
+    if m.arch == "imf_dit":
+        from .imf_dit import build_imf_dit
+        return build_imf_dit(cfg)
     if m.arch == "unet":
         from .unet import UNet
         return UNet.from_config(cfg)

@@ -3,7 +3,8 @@
 # Every path comes from meanflow.layout (through the plan); {run} is the run wildcard.
 from meanflow import config as mfconfig, launch, layout, plan as mfplan
 
-CONFIG_KEYS = {"tier": "the tier to run (params.yaml's tiers)", "params": "the parameters file (default params.yaml)"}
+CONFIG_KEYS = {"tier": "the tier to run (params.yaml's tiers)", "params": "the parameters file (default params.yaml)",
+               "tables": "comma-separated tables instead of the tier's list, e.g. imf1 (make run-imf)"}
 if set(config) - set(CONFIG_KEYS):   # `--config teir=imagenet` would silently run the default tier
     raise WorkflowError(f"unknown --config key(s) {', '.join(sorted(set(config) - set(CONFIG_KEYS)))}; "
                         "allowed: " + "; ".join(f"{k} ({v})" for k, v in CONFIG_KEYS.items()))
@@ -11,13 +12,18 @@ PARAMS = config.get("params", "params.yaml")
 try:
     P = mfconfig.load_params(PARAMS)
     TIER = config.get("tier", P["tier"])
-    PLAN = mfplan.Plan(P, TIER, where=PARAMS)
+    # --config tables=imf1[,...]: those tables instead of the tier's list (`make run-imf`)
+    ONLY = [t for t in str(config["tables"]).split(",") if t] if config.get("tables") else None
+    PLAN = mfplan.Plan(P, TIER, where=PARAMS, tables=ONLY)
 except mfconfig.ConfigError as e:
     raise WorkflowError(str(e))
 RUNS, NFE, TABLES = PLAN.runs, PLAN.nfe, PLAN.tables
+ONLY_FLAG = f" --tables {' '.join(ONLY)}" if ONLY else ""
+SUB = "_" + "+".join(ONLY) if ONLY else ""   # the table list's suffix of per-list files
+REP = {rid: mfplan.replicate_arg(r.replicate) for rid, r in RUNS.items()}   # "" or " --replicate i"
 D = PLAN.data                # data/<tier>/...
 R = PLAN.run_paths("{run}")  # runs/<tier>/{run}/...
-OUT = PLAN.results           # results/<tier>/...
+OUT = PLAN.results           # results/<tier>/... (plots_<tables>/, grids_<tables>/ for ONLY)
 TABLE_OUTPUTS = [str(OUT.table(t, ext)) for t in TABLES for ext in layout.TABLE_EXTS]
 
 wildcard_constraints:

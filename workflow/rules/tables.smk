@@ -8,13 +8,13 @@ rule tables:
         CODE["tables"],
     output:
         TABLE_OUTPUTS,
+        str(OUT.fid_json), str(OUT.fid_csv),
         [report(str(OUT.report_table(t)), caption=str(OUT.report_table(t, "rst").resolve()), category="Tables")
          for t in TABLES],
-        report(str(OUT.plot("fid_vs_nfe")), caption="../report/fid_vs_nfe.rst", category="Plots"),
-        report(str(OUT.plot("fid_vs_size")), caption="../report/fid_vs_size.rst", category="Plots"),
-        report(str(OUT.plot("training_curves")), caption="../report/training_curves.rst", category="Plots"),
+        [report(str(OUT.plot(p)), caption=f"../report/{p}.rst", category="Plots") for p in layout.PLOTS],
         report(directory(str(OUT.grids)), patterns=["{name}.png"], caption="../report/grids.rst", category="Sample grids"),
         report(directory(str(OUT.logs)), patterns=["{name}.log"], caption="../report/logs.rst", category="Logs"),
     params: plan=PLAN.hash()
-    log: str(layout.log(TIER, "tables"))
-    shell: "python -m stages.tables --params {PARAMS} --tier {TIER} > {log} 2>&1"
+    log: str(layout.log(TIER, "tables" + SUB))
+    benchmark: str(layout.benchmark(TIER, "tables", "tables" + SUB))
+    shell: "python -m stages.tables --params {PARAMS} --tier {TIER}" + ONLY_FLAG + " > {log} 2>&1"

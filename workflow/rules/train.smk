@@ -6,7 +6,8 @@ rule train:
         weights=str(R.ema),
         manifest=str(R.train_manifest),
         live=directory(str(R.dvclive)),
-    params: exp=lambda w: RUNS[w.run].experiment, cfg=lambda w: RUNS[w.run].hash, launch=launch.from_resources
+    params: exp=lambda w: RUNS[w.run].experiment, rep=lambda w: REP[w.run], cfg=lambda w: RUNS[w.run].hash, launch=launch.from_resources
     resources: **RES["train"]
     log: str(layout.log(TIER, "train", "{run}"))
-    shell: "{params.launch} -m stages.train --params {PARAMS} --tier {TIER} --experiment {params.exp} --no-progress > {log} 2>&1"
+    benchmark: str(layout.benchmark(TIER, "train", "{run}"))
+    shell: "{params.launch} -m stages.train --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress > {log} 2>&1"

@@ -1,0 +1,132 @@
+"""Compute cost of the paper's runs: FLOPs counted by torch's flop counter on the meta device (no
+memory, no time, exact shapes), combined into GPU-hours at a stated peak and utilisation.
+
+A MeanFlow training example costs, with the default `split` strategy of meanflow.objective:
+
+    F + B               the gradient-carrying forward and its backward, every row
+    + ratio * J         the jvp (primal + tangent, no graph) on the r != t rows only
+    + g * F             CFG targets: the current net without gradient (g = 0 without guidance,
+                        1 for kappa = 0, 2 for kappa > 0: null and true class in one batch)
+
+FlopCounterMode counts 2 FLOPs per multiply-add (DiT's tables count multiply-adds: its "GFLOPs"
+are half of ours; tests/test_costs.py checks both against Table 2/4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+IMAGENET_TRAIN = 1_281_167       # ILSVRC2012 train images (encoded once, with their flips)
+H100_BF16_DENSE = 989e12         # H100 SXM peak bf16 tensor FLOP/s without sparsity
+NODE_WEEK_GPU_HOURS = 8 * 24 * 7  # one 8-GPU node for a week
+# The one published step time (paper / reference README): MF-B/4, batch 256, 0.052 s/iter in JAX
+# on a TPU v4-8 (4 chips x 275 TFLOP/s bf16). With this module's count of that step it gives the
+# utilisation the plan assumes by default (see reference_utilisation).
+REFERENCE_STEP = {"seconds": 0.052, "batch": 256, "peak": 4 * 275e12}
+
+
+def _count(fn) -> float:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+@dataclass(frozen=True)
+class NetFlops:
+    forward: float    # one example, one forward
+    backward: float   # its backward (parameters and input)
+    jvp: float        # one no-grad jvp along (v, 0, 1): primal and tangent
+
+
+def network_flops(net: torch.nn.Module, shape: tuple, num_classes: int) -> NetFlops:
+    """Per-example FLOPs of a u(z, t, h, y) backbone built on the meta device."""
+    z = torch.randn(1, *shape, device="meta")
+    t = torch.full((1,), 0.5, device="meta")
+    y = torch.zeros(1, dtype=torch.long, device="meta") if num_classes else None
+    fwd = _count(lambda: net(z, t, t * 0.5, y))
+    both = _count(lambda: net(z, t, t * 0.5, y).sum().backward())
+
+    def jvp():
+        with torch.no_grad():
+            torch.func.jvp(lambda z_, t_: net(z_, t_, t_ * 0.5, y), (z, t), (torch.randn_like(z), torch.ones_like(t)))
+    return NetFlops(fwd, both - fwd, _count(jvp))
+
+
+def guidance_forwards(mf, num_classes: int) -> int:
+    """Extra no-grad forwards per example for the CFG target (see MeanFlow.guided_velocity)."""
+    if num_classes == 0 or (mf.omega == 1.0 and mf.kappa == 0.0):
+        return 0
+    return 2 if mf.kappa > 0 else 1
+
+
+def train_example_flops(nf: NetFlops, mf, num_classes: int) -> float:
+    return nf.forward + nf.backward + mf.ratio * nf.jvp + guidance_forwards(mf, num_classes) * nf.forward
+
+
+def vae_flops(resolution: int = 256) -> tuple[float, float]:
+    """(encode, decode) FLOPs per image of sd-vae-ft-mse's architecture (AutoencoderKL)."""
+    from diffusers import AutoencoderKL
+    with torch.device("meta"):
+        vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                            sample_size=resolution)
+    x = torch.randn(1, 3, resolution, resolution, device="meta")
+    lat = torch.randn(1, 4, resolution // 8, resolution // 8, device="meta")
+    return _count(lambda: vae.encode(x)), _count(lambda: vae.decode(lat))
+
+
+def inception_flops() -> float:
+    """Inception-v3 at 299x299 (the architecture torch-fidelity's inception-v3-compat ports)."""
+    import torchvision
+    with torch.device("meta"):
+        net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False).eval()
+    return _count(lambda: net(torch.randn(1, 3, 299, 299, device="meta")))
+
+
+@dataclass(frozen=True)
+class RunCost:
+    run_id: str
+    experiment: str
+    params_m: float
+    forward_gflops: float        # per example
+    train_flops: float           # steps * batch * per-example step
+    sample_flops: float          # every NFE of sample.nfe, n images each, with VAE decode
+    fid_flops: float             # Inception on every sample set
+
+    @property
+    def total(self) -> float:
+        return self.train_flops + self.sample_flops + self.fid_flops
+
+
+def backbone_flops(cfg) -> tuple[NetFlops, float]:
+    """(per-example FLOPs, parameters in millions) of the backbone a resolved Config names."""
+    from meanflow.models import build_model
+    d = cfg.data
+    with torch.device("meta"):
+        net = build_model(cfg)
+    nf = network_flops(net, (d.channels, d.input_size, d.input_size), d.num_classes)
+    return nf, sum(p.numel() for p in net.parameters()) / 1e6
+
+
+def run_cost(cfg, vae_decode: float, inception: float, backbone=None) -> RunCost:
+    """The cost of one run (a resolved Config): training, sampling every NFE and FID of each.
+    `backbone`: its (NetFlops, params) when already counted (runs differing only in the objective)."""
+    d = cfg.data
+    nf, params = backbone or backbone_flops(cfg)
+    train = cfg.train.steps * cfg.train.batch * train_example_flops(nf, cfg.meanflow, d.num_classes)
+    decode = vae_decode if d.vae else 0.0
+    sample = sum(cfg.sample.n * (k * nf.forward + decode) for k in cfg.sample.nfe)
+    fid = len(cfg.sample.nfe) * cfg.sample.n * inception
+    return RunCost(cfg.run_id, cfg.experiment or "", params, nf.forward / 1e9, train, sample, fid)
+
+
+def reference_utilisation(b4_example_flops: float) -> float:
+    """Model-FLOP utilisation of the paper's own MF-B/4 step (REFERENCE_STEP) by our FLOP count."""
+    ref = REFERENCE_STEP
+    return b4_example_flops * ref["batch"] / ref["seconds"] / ref["peak"]
+
+
+def gpu_hours(flops: float, peak: float = H100_BF16_DENSE, utilisation: float = 0.4) -> float:
+    return flops / (peak * utilisation) / 3600

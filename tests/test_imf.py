@@ -1,0 +1,322 @@
+"""improved MeanFlow: the iMF loss against an independent computation (finite-difference du/dt,
+the boundary condition, the guided target), guidance conditions reach the network on every branch,
+sampling at omega = 1 is unguided sampling, the iMF DiT's parameter counts, and the train stage
+with the iMF objective: rows independent of the world size, 2 gloo processes == 1, resume bitwise."""
+import subprocess
+import sys
+from types import SimpleNamespace as NS
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from meanflow import batches, config, training
+from meanflow.data import Store
+from meanflow.imf import IMF, build_objective
+from meanflow.models.dit import DiT
+from meanflow.models.imf_dit import IMF_CONFIGS, IMF_PARAMS, IMFDiT, inference_params
+from meanflow.sampling import sample
+from test_train import ENV, ROOT, assert_same_run, data_root, free_port  # noqa: F401 (fixture)
+
+B, K = 8, 10
+
+
+def mf_cfg(**kw):
+    base = dict(ratio=0.5, sampler="lognorm", mean=-0.4, std=1.0, tangent="v01", p=1.0, eps=0.01, omega=2.0,
+                kappa=0.0, t_start=0.0, t_end=1.0, class_drop=0.1, mask_layout="front", strategy="split",
+                jvp_api="forward_ad", jvp_fp32=True, objective="imf", v_source="head", omega_cond=True,
+                interval_cond=True, s_max=7.0, cfg_beta=1.0)
+    return NS(**{**base, **kw})
+
+
+def tiny_net(**kw):
+    torch.manual_seed(0)
+    net = IMFDiT(8, 4, 1, 32, 2, 4, num_classes=K, head_depth=1, tokens=(2, 1, 1, 1), **kw).double()
+    with torch.no_grad():  # zero-initialised outputs and gates would hide the conditions: perturb every weight
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return net
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, e = torch.randn(B, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(B, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, K, (B,), generator=g)
+    t = torch.tensor([0.9, 0.7, 0.5, 0.3, 0.8, 0.6, 0.4, 0.95], dtype=torch.float64)
+    r = torch.tensor([0.2, 0.7, 0.1, 0.3, 0.5, 0.6, 0.05, 0.0], dtype=torch.float64)   # rows 1, 3, 5: r = t
+    drop = torch.tensor([0, 0, 1, 0, 0, 1, 0, 0], dtype=torch.bool)
+    omega = torch.tensor([1.5, 3.0, 2.0, 6.0, 1.0, 4.0, 7.5, 2.5], dtype=torch.float64)
+    t_min = torch.tensor([0.1, 0.0, 0.2, 0.0, 0.3, 0.0, 0.45, 0.0], dtype=torch.float64)
+    t_max = torch.tensor([0.6, 1.0, 0.9, 1.0, 0.55, 1.0, 0.7, 1.0], dtype=torch.float64)
+    return dict(x=x, y=y, e=e, t=t, r=r, drop=drop, omega=omega, t_min=t_min, t_max=t_max)
+
+
+def reference_loss(net, a, head: bool, fd=1e-6):
+    """The iMF loss written out, du/dt by central finite differences through the network."""
+    x, y, e, t, r, drop = a["x"], a["y"], a["e"], a["t"], a["r"], a["drop"]
+    om, lo, hi = a["omega"], a["t_min"], a["t_max"]
+    b = lambda s: s.view(-1, 1, 1, 1)
+    z, v = (1 - b(t)) * x + b(t) * e, e - x
+    w = torch.where((t >= lo) & (t <= hi), om, 1.0)
+    null = torch.full_like(y, K)
+    zero, one = torch.zeros_like(t), torch.ones_like(t)
+    with torch.no_grad():
+        out = "v" if head else "u"   # boundary condition: v = u(z, t, t), i.e. h = 0
+        v_c = net(z, t, zero, y, omega=w, t_min=zero, t_max=one, out=out)
+        v_u = net(z, t, zero, null, omega=w, t_min=zero, t_max=one, out=out)
+    v_g = torch.where(b(drop), v, v + b(1 - 1 / w) * (v_c - v_u))
+    tangent = torch.where(b(drop), v_u, v_c)
+    y_in = torch.where(drop, null, y)
+    u_at = lambda zz, tt: net(zz, tt, tt - r, y_in, omega=om, t_min=lo, t_max=hi)
+    with torch.no_grad():
+        dudt = (u_at(z + fd * tangent, t + fd) - u_at(z - fd * tangent, t - fd)) / (2 * fd)
+    u, vh = net(z, t, t - r, y_in, omega=om, t_min=lo, t_max=hi, out="uv") if head else (u_at(z, t), None)
+    V = u + b(t - r) * dudt
+    lu = ((V - v_g) ** 2).flatten(1).sum(1)
+    loss = lu / (lu.detach() + 0.01)
+    if head:
+        lv = ((vh - v_g) ** 2).flatten(1).sum(1)
+        loss = loss + lv / (lv.detach() + 0.01)
+    return loss.mean(), lu.mean()
+
+
+@pytest.mark.parametrize("v_source", ["head", "boundary"])
+def test_imf_loss_matches_independent_computation(v_source):
+    head = v_source == "head"
+    net, a = tiny_net(v_head=head), inputs()
+    obj = IMF(mf_cfg(v_source=v_source), K)
+    out = obj(net, a["x"], a["y"], e=a["e"], t=a["t"], r=a["r"], drop=a["drop"], omega=a["omega"],
+              t_min=a["t_min"], t_max=a["t_max"])
+    grads = torch.autograd.grad(out.loss, list(net.parameters()), allow_unused=True)
+    ref, ref_u = reference_loss(net, a, head)
+    ref_grads = torch.autograd.grad(ref, list(net.parameters()), allow_unused=True)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.loss_unweighted, ref_u, rtol=1e-6, atol=0)
+    assert 10 < float(ref_u) < 1e4
+    for g, rg in zip(grads, ref_grads):
+        if rg is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, rg, rtol=1e-5, atol=1e-9)
+    # the v-head's own loss moves v-head weights; the boundary variant has none
+    assert head == any(n.startswith("v_") for n, _ in net.named_parameters())
+    assert all(g is not None and g.abs().sum() > 0 for (n, _), g in zip(net.named_parameters(), grads) if n.startswith("v_blocks"))
+
+
+def test_explicit_jvp_api_falls_back_for_the_imf_dit_and_runs_the_rules_on_a_plain_dit(monkeypatch):
+    """meanflow.jvp_api = explicit (params.yaml's default): the iMF DiT is not exactly the DiT, so
+    its jvp runs forward_ad with a warning (the same loss bits); an iMF loss on a plain DiT (fixed
+    guidance) takes the hand-derived tangent (dz, dt, dh) = (v, 1, 1), equal to forward_ad's."""
+    from meanflow import objective
+    from meanflow.models import tangent
+    monkeypatch.setattr(objective, "_WARNED", set())   # warned once per type and process
+    net, a = tiny_net(), inputs()
+    args = {k: a[k] for k in ("e", "t", "r", "drop", "omega", "t_min", "t_max")}
+    ref = IMF(mf_cfg(), K)(net, a["x"], a["y"], **args).loss
+    with pytest.warns(UserWarning, match="explicit.*IMFDiT uses forward_ad"):
+        got = IMF(mf_cfg(jvp_api="explicit"), K)(net, a["x"], a["y"], **args).loss
+    assert got.item() == ref.item()
+
+    torch.manual_seed(0)
+    dit = DiT(input_size=8, patch=2, in_channels=1, hidden=32, depth=2, heads=2, num_classes=K).double()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    calls, real = [], tangent.dit_jvp
+    monkeypatch.setattr(tangent, "dit_jvp", lambda *q, **k: calls.append(1) or real(*q, **k))
+    fixed = dict(omega_cond=False, interval_cond=False, v_source="boundary")
+    args = {k: a[k] for k in ("e", "t", "r", "drop")}
+    ref = IMF(mf_cfg(**fixed), K)(dit, a["x"], a["y"], **args)
+    got = IMF(mf_cfg(jvp_api="explicit", **fixed), K)(dit, a["x"], a["y"], **args)
+    assert calls == [1] and 1 < float(ref.loss_unweighted) < 1e4
+    torch.testing.assert_close(got.loss_unweighted, ref.loss_unweighted, rtol=1e-10, atol=0)
+
+
+def test_guidance_term_matters():
+    """Same explicit inputs, omega = 1 everywhere: the target is then v (no guidance), so the loss differs."""
+    net, a = tiny_net(), inputs()
+    obj = IMF(mf_cfg(), K)
+    args = {k: a[k] for k in ("e", "t", "r", "drop", "t_min", "t_max")}
+    g = obj(net, a["x"], a["y"], omega=a["omega"], **args).loss_unweighted
+    u = obj(net, a["x"], a["y"], omega=torch.ones_like(a["omega"]), **args).loss_unweighted
+    assert abs(float(g) - float(u)) > 1e-3 * float(u)
+
+
+@pytest.mark.parametrize("cond", ["in_context", "adaln"])
+def test_conditions_change_the_output_on_every_class(cond):
+    net = tiny_net(cond=cond)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.full((4,), 0.7, dtype=torch.float64)
+    base = dict(omega=torch.full_like(t, 2.0), t_min=torch.full_like(t, 0.2), t_max=torch.full_like(t, 0.8))
+    for y in (torch.tensor([0, 3, 7, 9]), torch.full((4,), K)):   # the null class too
+        ref = net(z, t, t * 0.5, y, **base)
+        for k, val in (("omega", 5.0), ("t_min", 0.4), ("t_max", 0.6)):
+            other = net(z, t, t * 0.5, y, **{**base, k: torch.full_like(t, val)})
+            assert (other - ref).abs().max() > 1e-4, (k, y)
+        for k, val in (("omega", 5.0), ("t_min", 0.4)):
+            other = net(z, t, t * 0.5, y, **{**base, k: torch.full_like(t, val)}, out="v")
+            assert (other - net(z, t, t * 0.5, y, **base, out="v")).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="no omega"):
+        tiny_net(omega_cond=False)(z, t, t, y, omega=base["omega"])
+
+
+def test_every_network_call_sees_the_conditions():
+    """The guidance pass (class and null branch), the jvp and the gradient forward all get omega and
+    the interval; the null-class rows get the same omega as their class rows (not 1)."""
+    net, a = tiny_net(), inputs()
+    calls = []
+    real = net.forward
+
+    def spy(z, t, h, y=None, **kw):
+        calls.append((y.clone(), {k: v.detach().clone() for k, v in kw.items() if torch.is_tensor(v)}, kw.get("out", "u")))
+        return real(z, t, h, y, **kw)
+
+    net.forward = spy
+    IMF(mf_cfg(), K)(net, a["x"], a["y"], **{k: a[k] for k in ("e", "t", "r", "drop", "omega", "t_min", "t_max")})
+    assert [c[2] for c in calls] == ["v", "u", "uv"]   # guidance (2B rows), jvp (r != t rows), gradient forward
+    for y, kw, _ in calls:
+        assert set(kw) == {"omega", "t_min", "t_max"} and all(len(v) == len(y) for v in kw.values())
+    y, kw, _ = calls[0]
+    w = torch.where((a["t"] >= a["t_min"]) & (a["t"] <= a["t_max"]), a["omega"], 1.0)
+    assert (y[B:] == K).all() and torch.equal(kw["omega"][B:], w) and torch.equal(kw["omega"][:B], w)
+    assert (w != 1).sum() >= 4 and torch.equal(calls[2][1]["omega"], a["omega"])
+
+
+def test_omega_law_and_interval_draws():
+    obj = IMF(mf_cfg(), K)
+    g = torch.Generator().manual_seed(0)
+    t, r = obj.sample_t_r(20000, g)
+    c = obj.sample_conditions(t, r, g)
+    om = c["omega"]
+    assert om.min() >= 1 and om.max() <= 8
+    # beta = 1: log-uniform on [1, 8], so the median is sqrt(8)
+    assert abs(float(om.median()) - 8 ** 0.5) < 0.05
+    fm = t == r
+    assert abs(float(fm.float().mean()) - 0.5) < 1e-3   # 50% of rows r = t
+    assert (c["t_min"][fm] == 0).all() and (c["t_max"][fm] == 1).all()
+    assert 0 <= c["t_min"][~fm].min() and c["t_min"][~fm].max() <= 0.5 <= c["t_max"][~fm].min()
+    assert abs(float(c["t_max"][~fm].mean()) - 0.75) < 0.01
+    fixed = IMF(mf_cfg(omega_cond=False, interval_cond=False, omega=2.5, t_start=0.1, t_end=0.9), K)
+    c = fixed.sample_conditions(t[:5], r[:5], g)
+    assert c["omega"].tolist() == [2.5] * 5 and torch.allclose(c["t_min"], torch.full((5,), 0.1))
+
+
+def test_sampling_at_omega_1_is_unguided():
+    net = tiny_net().float()
+    e = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(6)
+    for nfe in (1, 2):
+        plain = sample(net, e, y, nfe=nfe)
+        assert torch.equal(sample(net, e, y, nfe=nfe, omega=1.0), plain)
+        assert torch.equal(sample(net, e, y, nfe=nfe, omega=1.0, t_min=0.0, t_max=1.0), plain)
+        assert (sample(net, e, y, nfe=nfe, omega=4.0, t_min=0.3, t_max=0.7) - plain).abs().max() > 1e-4
+    dit = DiT(8, 4, 1, 32, 2, 4, num_classes=K)   # no conditions: only the unguided setting is accepted
+    assert torch.equal(sample(dit, e, y, omega=1.0, t_min=0.0, t_max=1.0), sample(dit, e, y))
+    with pytest.raises(ValueError, match="no omega conditioning"):
+        sample(dit, e, y, omega=2.0)
+
+
+def test_parameter_counts():
+    with torch.device("meta"):
+        for name, (depth, hidden, heads, patch) in IMF_CONFIGS.items():
+            n = inference_params(IMFDiT(32, patch, 4, hidden, depth, heads, num_classes=1000)) / 1e6
+            if name in IMF_PARAMS:
+                assert abs(n / IMF_PARAMS[name] - 1) < 0.02, (name, n)
+        # adaLN, no v-head, no conditions, plain blocks: exactly MeanFlow's DiT
+        plain = IMFDiT(32, 2, 4, 768, 12, 12, time_cond="t,t-r", cond="adaln", omega_cond=False, interval_cond=False,
+                       v_head=False, swiglu=False, rmsnorm=False, rope=False, qk_norm=False)
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        assert count(plain) == count(DiT(32, 2, 4, 768, 12, 12))
+        # in-context drops the adaLN modulation: iMF-B/2 89M against MF-B/2's 131M
+        assert 130e6 < count(DiT(32, 2, 4, 768, 12, 12)) < 132e6
+
+
+# --------------------------------------------------------------------------- the train stage
+def write_params(path, data_root, runs_root, **train):
+    t = {"steps": 12, "batch": 16, "lr": 0.001, "ema": 0.9, "ckpt_every": 4, "keep_ckpts": 2, "log_every": 4,
+         "device": "cpu", "runs_root": str(runs_root), **train}
+    tier = {"data": {"dataset": "digits", "resolution": 8, "channels": 1, "input_size": 8, "num_classes": 10,
+                     "vae": None, "flip": True, "root": str(data_root), "device": "cpu"},
+            "model": {"arch": "imf_dit", "name": "custom", "depth": 2, "hidden": 32, "heads": 2, "patch": 4,
+                      "head_depth": 1, "tokens": [2, 1, 1, 1], "time_cond": "t-r"},
+            "meanflow": {"objective": "imf", "v_source": "head", "omega_cond": True, "interval_cond": True, "ratio": 0.5},
+            "train": t}
+    path.write_text(yaml.safe_dump({"tier": "t", "tiers": {"t": tier}}))
+    return path
+
+
+def test_imf_rows_do_not_depend_on_world_size(data_root):
+    cfg = config.load(write_params(data_root / "imf.yaml", data_root, data_root / "runs"))
+    store, obj = Store.from_config(cfg), build_objective(cfg.meanflow, 10)
+    sampler = batches.EpochSampler(len(store), 0)
+    one = batches.load_rows(store, sampler, obj, 3, 24, 0, 1, 0, "cpu")
+    two = [batches.load_rows(store, sampler, obj, 3, 24, r, 2, 0, "cpu") for r in range(2)]
+    for k in ("omega", "t_min", "t_max"):
+        assert torch.equal(torch.cat([p.cond[k] for p in two]), one.cond[k])
+    assert (one.t != one.r).sum() == 12 and len(set(one.cond["omega"].tolist())) == 24
+
+
+def test_imf_resume_is_bitwise_identical(data_root, tmp_path):
+    ref = config.load(write_params(tmp_path / "a.yaml", data_root, tmp_path / "a"))
+    training.train(ref, progress=False)
+    cfg = config.load(write_params(tmp_path / "b.yaml", data_root, tmp_path / "b"))
+    tr = training.Trainer(cfg, training.Dist(0, 1, torch.device("cpu")), progress=False)
+    tr.open()
+    try:
+        while tr.k < 6:   # a checkpoint at 4, then two steps that are lost as in a kill
+            tr.advance()
+    finally:
+        tr.close()
+    assert [s for s, _ in training.checkpoints(cfg.run_dir)] == [4]
+    training.train(cfg, progress=False)
+    import test_train
+    old, test_train.STEPS = test_train.STEPS, 12
+    try:
+        assert_same_run(cfg.run_dir, ref.run_dir)
+    finally:
+        test_train.STEPS = old
+
+
+def test_imf_two_gloo_processes_equal_one(data_root, tmp_path):
+    one = write_params(tmp_path / "one.yaml", data_root, tmp_path / "one", steps=3, batch=24)
+    two = write_params(tmp_path / "two.yaml", data_root, tmp_path / "two", steps=3, batch=24)
+    log = tmp_path / "torchrun.txt"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                        "-m", "stages.train", "--params", str(two), "--no-progress"],
+                       cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                       timeout=300)
+    assert p.returncode == 0, log.read_text()
+    cfg = config.load(one)
+    training.train(cfg, progress=False)
+    a, b = cfg.run_dir, config.load(two).run_dir
+    assert a.name == b.name
+    init = training.Trainer(cfg, training.Dist(0, 1, torch.device("cpu")), progress=False).net.state_dict()
+    for f in ("model.safetensors", "ema.safetensors"):
+        wa, wb = (load_file(d / "checkpoints" / "step-00000003" / f) for d in (a, b))
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=f"{f} {k}")
+    assert any(not torch.equal(init[k], wa[k]) for k in wa if k in init)
+
+
+# --------------------------------------------------------------------------- tables
+def test_imf_tables_show_the_published_numbers(tmp_path):
+    import csv
+    from meanflow import plan, tables
+    params = config.load_params()
+    rows = plan.rows(params, "tiny", ["imf1"])
+    assert [r.row for r in rows] == ["mf", "v_boundary", "v_head", "omega_cond", "interval_cond", "in_context",
+                                     "improved_block", "longer"]
+    assert len({r.run_id for r in rows}) == 8 and "imf1" not in plan.Plan(params, "tiny").tables  # not in make run
+    tables.build(params, "tiny", tmp_path, ["imf1"])
+    with open(ROOT / "reference" / "imf_results.csv") as f:
+        published = {r["row"]: r["fid"] for r in csv.DictReader(f) if r["table"] == "imf1"}
+    with open(tmp_path / "tiny" / "tables" / "table_imf1.csv") as f:
+        ours = {r["row"]: r["paper FID"] for r in csv.DictReader(f)}
+    assert ours == published and ours["improved_block"] == "3.82"
+    assert (tmp_path / "tiny" / "plots_imf1" / "fid_vs_nfe.png").exists()
+    assert (tmp_path / "tiny" / "tables" / "manifest_imf1.json").exists()
+    imagenet = {(r.table, r.row) for r in plan.rows(params, "imagenet")}
+    assert {("imf2", "iMF-XL/2-2nfe"), ("imf1", "longer")} <= imagenet

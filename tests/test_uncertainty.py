@@ -1,0 +1,85 @@
+"""Noise estimates: the bootstrap's Frechet distance equals torch-fidelity's, its interval covers
+the truth at about the stated rate on Gaussians of known distance; Welch orderings and compare
+verdicts on synthetic seeds of known truth; replicates in the plan."""
+import numpy as np
+import pytest
+
+from meanflow import config, plan
+from meanflow.metrics import frechet, uncertainty as U
+
+
+def test_fast_frechet_equals_torch_fidelity():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(400, 12)), rng.normal(0.3, 1.2, size=(500, 12)) @ rng.normal(size=(12, 12))
+    mu1, s1, mu2, s2 = x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)
+    assert U.Frechet(mu2, s2)(mu1, s1) == pytest.approx(frechet(mu1, s1, mu2, s2), rel=1e-7)
+
+
+def test_bootstrap_interval_covers_the_truth():
+    """Samples of N(delta, I) in d dims against the exact reference N(0, I): the Frechet distance of
+    infinitely many samples is |delta|^2. The basic 95% interval covers it in most of 20 draws,
+    and its width shrinks as the sample count grows (the noise is the metric's, not a constant)."""
+    d, delta = 4, np.full(4, 0.5)
+    truth, covered, widths = float(delta @ delta), 0, {}
+    for n in (200, 1600):
+        for s in range(20 if n == 200 else 3):
+            f = np.random.default_rng(s).normal(size=(n, d)) + delta
+            value = U.Frechet(np.zeros(d), np.eye(d))(f.mean(0), np.cov(f, rowvar=False))
+            b = U.bootstrap(f, np.zeros(d), np.eye(d), value, resamples=100, seed=s)
+            assert len(b["values"]) == 100 and b["ci95"][0] < value < b["ci95"][1]
+            if n == 200:
+                covered += b["ci95"][0] <= truth <= b["ci95"][1]
+            widths.setdefault(n, []).append(b["ci95"][1] - b["ci95"][0])
+    assert covered >= 16
+    assert np.mean(widths[1600]) < 0.6 * np.mean(widths[200])
+
+
+def test_orderings_with_known_truth():
+    rng = np.random.default_rng(0)
+    worse, better = list(60 + rng.normal(0, 1, 3)), list(40 + rng.normal(0, 1, 3))
+    r = U.ordering(worse, better)
+    assert r["verdict"] == "holds" and r["p"] < 0.01
+    assert U.ordering(better, worse)["verdict"] == "reversed"
+    noisy = U.ordering([52, 72, 32], [48, 52, 50])   # means ordered, the spread swamps it
+    assert noisy["verdict"] == "not significant" and noisy["p"] > 0.05
+    assert U.ordering([60], [40])["verdict"] == "holds (one seed: no test)"
+    assert U.ordering([], [40])["verdict"] == "missing"
+    assert U.summary([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    assert U.summary([5.0])["std"] is None
+
+
+def test_compare_verdicts_with_known_truth():
+    """Same distribution on both sides -> consistent in most draws (false alarms about 5%); a
+    shift of 10 std -> differs; one seed -> no noise estimate."""
+    rng = np.random.default_rng(3)
+    same = [U.verdict(list(rng.normal(90, 2, 3)), list(rng.normal(90, 2, 3)))[0] for _ in range(200)]
+    assert 0.88 <= same.count("consistent") / 200 < 1.0
+    shifted = [U.verdict(list(rng.normal(90, 2, 3)), list(rng.normal(110, 2, 3)))[0] for _ in range(50)]
+    assert shifted.count("differs") >= 45
+    assert U.verdict([96.5], [93.5]) == ("no noise estimate", None)
+
+
+def test_replicates_keep_run_ids_and_differ_only_in_seeds():
+    params = config.load_params()
+    params["tiers"]["tiny"]["train"].pop("replicates", None)
+    one = plan.Plan(params, "tiny")
+    params["tiers"]["tiny"]["train"]["replicates"] = 3
+    params["experiments"]["ratio_0"] = {"meanflow": {"ratio": 0.0}, "train": {"replicates": 2}}
+    three = plan.Plan(params, "tiny")
+    rows1, rows3 = {r.row: r for r in one.rows}, {r.row: r for r in three.rows}
+    for name, r in rows3.items():   # replica 0 is the run of R = 1: same id, same params hash
+        assert r.run_id == rows1[name].run_id and r.cfg.params_hash == rows1[name].cfg.params_hash
+    r = rows3["ratio_25"]
+    assert len(set(r.run_ids)) == 3 and len(rows3["ratio_0"].run_ids) == 2   # the experiment's override
+    assert [c.train.seed for c in r.replicas] == [0, 1, 2] and [c.sample.seed for c in r.replicas] == [0, 1, 2]
+    for c in r.replicas[1:]:
+        a, b = dict(c.raw), dict(r.cfg.raw)
+        a["train"], b["train"] = {**a["train"], "seed": 0}, {**b["train"], "seed": 0}
+        a["sample"], b["sample"] = {**a["sample"], "seed": 0}, {**b["sample"], "seed": 0}
+        assert a == b
+    assert len(three.runs) == 3 * len(one.runs) - 1
+    params["tiers"]["tiny"]["train"]["replicates"] = 0
+    with pytest.raises(config.ConfigError, match="train.replicates: 0 is less than the minimum of 1"):
+        plan.Plan(params, "tiny")
+    with pytest.raises(config.ConfigError, match="replicate 3"):
+        plan.replica(config.resolve(params, "tiny", "ratio_0"), 3)

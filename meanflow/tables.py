@@ -255,6 +255,17 @@ def _y_axis(ax):
         ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+def _finish_panel(ax, table: str, xlabel: str, ylabel: str, ysize: int = 8):
+    """A table's panel: title, axis labels, y scale (_y_axis) and the legend beside it."""
+    ax.set_title(f"Table {table}", fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=ysize)
+    ax.tick_params(labelsize=7)
+    if ax.lines:
+        _y_axis(ax)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
 def _plot_fid_vs_nfe(plan: Plan, name: str, plt):
     """One panel per table, a line per row's run over the NFEs it was sampled at (mean over seeds,
     error bars one std); integer NFE ticks; y in the metric's own name, log when the rows span more than 20x."""
@@ -272,14 +283,8 @@ def _plot_fid_vs_nfe(plan: Plan, name: str, plt):
             if any(x["n"] for x in st):
                 ax.errorbar(nfe, [x["mean"] if x["n"] else float("nan") for x in st], yerr=[x["std"] or 0.0 for x in st],
                             marker="o", ms=3, lw=1, capsize=2, label=r.row.removesuffix("-2nfe"))
-        ax.set_title(f"Table {table}", fontsize=9)
         ax.set_xticks(sorted({k for r in plan.rows if r.table == table for k in r.cfg.sample.nfe}))
-        ax.set_xlabel("NFE", fontsize=8)
-        ax.set_ylabel(name, fontsize=8)
-        ax.tick_params(labelsize=7)
-        if ax.lines:
-            _y_axis(ax)
-            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        _finish_panel(ax, table, "NFE", name)
     fig.suptitle(f"{name} vs NFE per table ({plan.tier} tier; lower is better)", fontsize=10)
     fig.tight_layout()
     return fig
@@ -340,13 +345,7 @@ def _plot_training_curves(plan: Plan, name: str, plt):
                 smooth = pd.Series(ys).rolling(max(1, len(ys) // 8), center=True, min_periods=1).mean()
                 line, = ax.plot(steps, smooth, lw=1.2, label=r.row)
                 ax.plot(steps, ys, lw=0.4, alpha=0.35, color=line.get_color())
-        ax.set_title(f"Table {table}", fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel("||u - u_tgt||^2 (unweighted)", fontsize=7)
-        ax.tick_params(labelsize=7)
-        if ax.lines:
-            _y_axis(ax)
-            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        _finish_panel(ax, table, "step", "||u - u_tgt||^2 (unweighted)", ysize=7)
     fig.suptitle(f"training: unweighted squared error, thick = rolling mean ({plan.tier} tier)", fontsize=10)
     fig.tight_layout()
     return fig

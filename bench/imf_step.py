@@ -9,11 +9,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace as NS
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from meanflow import config  # noqa: E402
 from meanflow.imf import IMF  # noqa: E402
 from meanflow.models.imf_dit import IMFDiT  # noqa: E402
 from meanflow.objective import MeanFlow  # noqa: E402
@@ -24,11 +24,8 @@ SIZES = {"tiny": dict(input_size=8, patch=4, in_channels=1, hidden=96, depth=2, 
 
 
 def mf_cfg(**kw):
-    base = dict(ratio=0.25, sampler="lognorm", mean=-0.4, std=1.0, tangent="v01", p=1.0, eps=0.01, omega=1.0,
-                kappa=0.5, t_start=0.0, t_end=1.0, class_drop=0.1, mask_layout="front", strategy="split",
-                jvp_api="forward_ad", jvp_fp32=True, objective="meanflow", v_source="boundary", omega_cond=False,
-                interval_cond=False, s_max=7.0, cfg_beta=1.0)
-    return NS(**{**base, **kw})
+    """The meanflow section: the schema's defaults (ImageNet's), kappa 0.5, generic jvp for both."""
+    return config.build({"meanflow": {"kappa": 0.5, "jvp_api": "forward_ad", **kw}}).meanflow
 
 
 def step_time(objective, net, x, y, steps):

@@ -145,11 +145,6 @@ class Config:
         """runs/<tier>/<run_id>: checkpoints, final EMA weights, samples and metrics of one run."""
         return Path(self.raw["train"].get("runs_root", "runs")) / self.tier / self.run_id
 
-    def extra(self, section: str) -> dict:
-        """Keys a stage added to an open section (data, train, sample) beyond the schema's."""
-        known = {f.name for f in dataclasses.fields(getattr(self, section))}
-        return {k: v for k, v in self.raw[section].items() if k not in known}
-
 
 def _hashed(raw: dict) -> dict:
     """raw without the keys marked x-unhashed-default that sit at their default: a key added later
@@ -181,9 +176,8 @@ def build(raw: dict, tier: str = "custom", experiment: str | None = None, where:
     _validate(raw, {"$ref": "#/$defs/config"}, where)
     classes = section_classes()
     sections = {}
-    for s in SECTIONS:
-        known = {f.name for f in dataclasses.fields(classes[s])}
-        sections[s] = classes[s](**{k: _freeze(v) for k, v in raw[s].items() if k in known})
+    for s in SECTIONS:   # every section is closed (additionalProperties: false): each key is a field
+        sections[s] = classes[s](**{k: _freeze(v) for k, v in raw[s].items()})
     if not raw["meanflow"]["t_start"] <= raw["meanflow"]["t_end"]:
         raise ConfigError(f"{where}: meanflow.t_start ({raw['meanflow']['t_start']}) > meanflow.t_end ({raw['meanflow']['t_end']})")
     _check_shapes(raw, where)

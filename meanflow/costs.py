@@ -6,7 +6,8 @@ A MeanFlow training example costs, with the default `split` strategy of meanflow
     F + B               the gradient-carrying forward and its backward, every row
     + ratio * J         the jvp (primal + tangent, no graph) on the r != t rows only
     + g * F             CFG targets: the current net without gradient (g = 0 without guidance,
-                        1 for kappa = 0, 2 for kappa > 0: null and true class in one batch)
+                        1 for kappa = 0, 2 for kappa > 0: null and true class in one batch; iMF:
+                        2, its v for the class and the null class, which is also the jvp tangent)
 
 FlopCounterMode counts 2 FLOPs per multiply-add (DiT's tables count multiply-adds: its "GFLOPs"
 are half of ours; tests/test_costs.py checks both against Table 2/4).
@@ -55,7 +56,10 @@ def network_flops(net: torch.nn.Module, shape: tuple, num_classes: int) -> NetFl
 
 
 def guidance_forwards(mf, num_classes: int) -> int:
-    """Extra no-grad forwards per example for the CFG target (see MeanFlow.guided_velocity)."""
+    """Extra no-grad forwards per example for the CFG target (see MeanFlow.guided_velocity; iMF's
+    IMF.guidance always runs the network's v: class and null class, or once unconditional)."""
+    if getattr(mf, "objective", "meanflow") == "imf":
+        return 2 if num_classes else 1
     if num_classes == 0 or (mf.omega == 1.0 and mf.kappa == 0.0):
         return 0
     return 2 if mf.kappa > 0 else 1

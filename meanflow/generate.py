@@ -95,8 +95,9 @@ def schedules(cfg, nfes=None) -> dict[int, list[float]]:
     return _schedules(cfg, nfes, SampleError)
 
 
-def sample_dir(cfg, nfe: int) -> Path:
-    return layout.run(cfg).samples(nfe)
+def sample_dir(cfg, nfe: int, out: Path | None = None) -> Path:
+    """<run_dir>/samples_nfe{k}, or <out>/samples_nfe{k} when sampling by hand into `out`."""
+    return (layout.RunPaths.at(Path(out)) if out is not None else layout.run(cfg)).samples(nfe)
 
 
 def shards_of(out: Path, error: type[Exception] = None) -> Shards:
@@ -157,9 +158,9 @@ class Decoder:
 class Sampler:
     """The network, the decoder and the plan-independent settings, loaded once for every NFE."""
 
-    def __init__(self, cfg, device=None):
+    def __init__(self, cfg, device=None, balanced: bool = True):
         d, s = cfg.data, cfg.sample
-        if d.num_classes and s.labels == "balanced" and s.n % d.num_classes:
+        if balanced and d.num_classes and s.labels == "balanced" and s.n % d.num_classes:
             raise SampleError(f"sample.n = {s.n} is not a multiple of data.num_classes = {d.num_classes} "
                               "(sample.labels = balanced: n / num_classes per class)")
         self.cfg, self.device = cfg, device or runtime.device(s.device, "sample.device", SampleError)
@@ -206,9 +207,10 @@ class Sampler:
         shards.mark(k, start=lo, count=hi - lo, sha256=shards.sha256(k), device=str(self.device),
                     threads=torch.get_num_threads(), seconds=round(time.perf_counter() - t0, 3))
 
-    def run(self, nfe: int, times, worker: int = 0, workers: int = 1, progress: bool = True) -> Path | None:
+    def run(self, nfe: int, times, worker: int = 0, workers: int = 1, progress: bool = True,
+            root: Path | None = None) -> Path | None:
         from tqdm import tqdm
-        s, out = self.cfg.sample, sample_dir(self.cfg, nfe)
+        s, out = self.cfg.sample, sample_dir(self.cfg, nfe, root)
         shards = Shards(out, s.n, s.shard_size, SHARD, SampleError)
         # every call: the plan (n, seed, weights, ...) must be the one the shards were made with,
         # and every shard must still have its recorded hash; a manifest alone proves nothing
@@ -224,7 +226,7 @@ class Sampler:
             for k in mine:
                 self.shard(shards, k, times, bar)
         if shards.complete():
-            return finish(self.cfg, nfe)
+            return finish(self.cfg, nfe, root)
         log.info("worker %d of %d done with nfe=%d; the last worker to finish writes %s", worker, workers, nfe, MANIFEST)
         return None
 
@@ -250,9 +252,9 @@ def grid_png(path: Path, imgs: np.ndarray, cols: int) -> Path:
     return path
 
 
-def finish(cfg, nfe: int) -> Path:
+def finish(cfg, nfe: int, root: Path | None = None) -> Path:
     """Check every shard, write grid.png and manifest.json (hashes of the shards and of the set)."""
-    out = sample_dir(cfg, nfe)
+    out = sample_dir(cfg, nfe, root)
     sh = shards_of(out)
     plan, shards = sh.plan, sh.read(stage="sample")
     g = min(cfg.sample.grid, plan["n"])
@@ -268,7 +270,7 @@ def finish(cfg, nfe: int) -> Path:
     files = [{k: s[k] for k in ("file", "start", "count", "sha256", "device", "threads")} for s, _ in shards]
     body = manifest.stamp(cfg, run_id=cfg.run_id, nfe=nfe, times=plan["times"], count=sum(f["count"] for f in files),
                           n=plan["n"], num_classes=plan["num_classes"],
-                          per_class=plan["n"] // plan["num_classes"] if plan.get("labels") == "balanced" else None,
+                          per_class=plan["n"] // plan["num_classes"] if plan.get("labels") == "balanced" and not plan["n"] % plan["num_classes"] else None,
                           labels=LABEL_RULES.get(plan.get("labels")), label_mode=plan.get("labels"),
                           noise="randn from torch.Generator().manual_seed(sha256(repr((seed, 'sample', i)))[:8] >> 1) on CPU",
                           layout="ADM: arr_0 N x H x W x C uint8 = clip(round((x + 1) * 127.5), 0, 255), arr_1 labels",
@@ -278,13 +280,15 @@ def finish(cfg, nfe: int) -> Path:
     return manifest.write_json(out / MANIFEST, body)
 
 
-def generate(cfg, nfes=None, shard: int = 0, num_shards: int = 1, progress: bool = True) -> list[Path]:
-    """The sample stage for every NFE of sample.nfe (or `nfes`); returns the manifests written."""
+def generate(cfg, nfes=None, shard: int = 0, num_shards: int = 1, progress: bool = True,
+             root: Path | None = None) -> list[Path]:
+    """The sample stage for every NFE of sample.nfe (or `nfes`); returns the manifests written.
+    `root`: sampling by hand into root/samples_nfe{k}/ (any sample.n: labels need not be balanced)."""
     worker, workers = worker_of(shard, num_shards, SampleError)
-    sampler = Sampler(cfg)  # always: the plan each output is checked against holds the weights' hash
+    sampler = Sampler(cfg, balanced=root is None)  # always: the plan each output is checked against holds the weights' hash
     out = []
     for k, times in schedules(cfg, nfes).items():
-        m = sampler.run(k, times, worker, workers, progress)
+        m = sampler.run(k, times, worker, workers, progress, root)
         if m:
             out.append(m)
     return out

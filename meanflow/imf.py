@@ -108,20 +108,13 @@ class IMF(MeanFlow):
         """Loss on a batch x with labels y; every draw not given comes from `generator`. `grad_net`
         runs the gradient-carrying forward; the guidance and the jvp go through the bare `net`."""
         c, grad_net = self.cfg, net if grad_net is None else grad_net
-        n, dev = x.shape[0], x.device
         x = _full(x)
-        if t is None or r is None:
-            t, r = self.sample_t_r(n, generator, dev)
-        if e is None:
-            e = torch.randn(x.shape, generator=generator, device=dev)
-        if drop is None:
-            drop = self.sample_drop(n, generator, dev)
+        t, r, e, drop = self.draws(x, t, r, e, drop, generator)
         if omega is None or t_min is None or t_max is None:
             drawn = self.sample_conditions(t, r, generator)
             omega = drawn["omega"] if omega is None else omega
             t_min = drawn["t_min"] if t_min is None else t_min
             t_max = drawn["t_max"] if t_max is None else t_max
-        t, r, e = t.to(x.dtype), r.to(x.dtype), e.to(x.dtype)
         omega, t_min, t_max = (a.to(x.dtype) for a in (omega, t_min, t_max))
         tb = _bcast(t, x)
         z, v = (1 - tb) * x + tb * e, e - x

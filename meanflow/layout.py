@@ -16,6 +16,7 @@ SAMPLES, METRICS = "samples_nfe{}", "metrics_nfe{}.json"
 STORE_SHARD, SAMPLE_SHARD, GRID = "shard-{:05d}.npy", "shard-{:05d}.npz", "grid.png"   # inside store/, samples_nfe{k}/
 TABLE_EXTS = ("md", "csv", "tex")
 PLOTS = ("fid_vs_nfe", "fid_vs_size", "training_curves")
+LOGS = "logs"   # logs/<tier>/<stage>.log, logs/<tier>/<stage>/<run>.log: each Snakemake job's stdout + stderr
 
 
 class DataPaths(NamedTuple):
@@ -58,9 +59,10 @@ class RunPaths(NamedTuple):
 
 class ResultPaths(NamedTuple):
     """results/<tier>: tables/table_<t>.{md,csv,tex} and tables/manifest.json, plots/<name>.png,
-    grids/, fid.json and fid.csv (DVC's metrics). An explicit table list (`make run-imf`: imf1) writes
-    plots_<names>/, grids_<names>/ and tables/manifest_<names>.json beside the tier's own, so a rerun
-    of one target keeps the other's."""
+    grids/, fid.json and fid.csv (DVC's metrics), report/table_<t>.{html,rst} (the report's rendered
+    tables and captions), logs/ (the jobs' logs, copied for the report). An explicit table list
+    (`make run-imf`: imf1) writes plots_<names>/, grids_<names>/, logs_<names>/, tables/manifest_<names>.json
+    and fid_<names>.{json,csv} beside the tier's own, so a rerun of one target keeps the other's."""
     root: Path
     tables: Path
     plots: Path
@@ -68,15 +70,20 @@ class ResultPaths(NamedTuple):
     manifest: Path
     fid_json: Path   # {table: {row: FID}}: DVC's metrics file (`dvc metrics show`, `dvc exp show`)
     fid_csv: Path    # table,row,label,fid per row: the data of DVC's FID plot
+    report: Path     # file names per table, so shared by every table list
+    logs: Path       # a directory output: one per table list
 
     @classmethod
     def at(cls, root: Path, subset: list[str] | None = None) -> "ResultPaths":
         sub = "" if subset is None else "_" + "+".join(subset)
         return cls(root, root / "tables", root / f"plots{sub}", root / f"grids{sub}", root / "tables" / f"manifest{sub}.json",
-                   root / f"fid{sub}.json", root / f"fid{sub}.csv")
+                   root / f"fid{sub}.json", root / f"fid{sub}.csv", root / "report", root / f"logs{sub}")
 
     def table(self, t, ext: str) -> Path:
         return self.tables / f"table_{t}.{ext}"
+
+    def report_table(self, t, ext: str = "html") -> Path:
+        return self.report / f"table_{t}.{ext}"
 
     def plot(self, name: str) -> Path:
         return self.plots / f"{name}.png"
@@ -92,6 +99,11 @@ def data(cfg_or_tier, root: str | Path = "data") -> DataPaths:
 def run(cfg_or_dir) -> RunPaths:
     """The run layout of a config (cfg.run_dir) or of a run directory (a path or a pattern)."""
     return RunPaths.at(Path(getattr(cfg_or_dir, "run_dir", cfg_or_dir)))
+
+
+def log(tier: str, stage: str, run: str | None = None, root: str | Path = LOGS) -> Path:
+    """The log of a tier stage (acquire, encode, refstats, features, tables) or of a run's stage."""
+    return Path(root) / tier / (f"{stage}.log" if run is None else f"{stage}/{run}.log")
 
 
 def benchmark(tier: str, rule: str, name: str, root: str | Path = "benchmarks") -> Path:

@@ -194,20 +194,24 @@ class MeanFlow:
             v_loss = ((u.detach() - v) ** 2).flatten(1).sum(1).mean()
         return LossOutput(weighted.mean(), per_sample.detach().mean(), err.detach().mean(), v_loss)
 
-    def __call__(self, net, x, y=None, *, e=None, t=None, r=None, drop=None, generator=None, grad_net=None, aug=None):
-        """Loss on a batch x (B, ...) with labels y. e, t, r and the dropout mask are drawn from
-        `generator` unless given. `grad_net` (e.g. the DDP wrapper of `net`) runs the forward that
-        carries gradients; the jvp always goes through the bare `net`. `aug`: augmentation labels (B, 6)
-        for a network conditioned on them (unguided: classifier-free guidance is off where they are used)."""
+    def draws(self, x, t, r, e, drop, generator):
+        """(t, r, e, drop) for batch x: each not given is drawn from `generator` (in this order)."""
         n, dev = x.shape[0], x.device
-        x = _full(x)
         if t is None or r is None:
             t, r = self.sample_t_r(n, generator, dev)
         if e is None:
             e = torch.randn(x.shape, generator=generator, device=dev)
         if drop is None:
             drop = self.sample_drop(n, generator, dev)
-        t, r, e = t.to(x.dtype), r.to(x.dtype), e.to(x.dtype)
+        return t.to(x.dtype), r.to(x.dtype), e.to(x.dtype), drop
+
+    def __call__(self, net, x, y=None, *, e=None, t=None, r=None, drop=None, generator=None, grad_net=None, aug=None):
+        """Loss on a batch x (B, ...) with labels y. e, t, r and the dropout mask are drawn from
+        `generator` unless given. `grad_net` (e.g. the DDP wrapper of `net`) runs the forward that
+        carries gradients; the jvp always goes through the bare `net`. `aug`: augmentation labels (B, 6)
+        for a network conditioned on them (unguided: classifier-free guidance is off where they are used)."""
+        x = _full(x)
+        t, r, e, drop = self.draws(x, t, r, e, drop, generator)
         z, v, v_g, y_in = self.velocities(net, x, y, e, t, drop)
         u, u_tgt = self.u_and_target(net, z, t, r, v_g, y_in, grad_net, aug)
         return self.loss_from(u, u_tgt, v)

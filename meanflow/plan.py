@@ -185,7 +185,9 @@ CODE = {
     "sample": ["stages/sample.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/generate.py",
                "meanflow/sampling.py", "meanflow/models/*.py"],
     "fid": ["stages/fid.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/metrics/*.py"],
-    "tables": ["stages/tables.py", *_COMMON, "meanflow/plan.py", "meanflow/tables.py", "meanflow/metrics/uncertainty.py"],
+    "tables": ["stages/tables.py", *_COMMON, "meanflow/plan.py", "meanflow/tables.py", "meanflow/metrics/uncertainty.py",
+               "meanflow/labels.py", "meanflow/report.py",
+               "reference/experiments.yaml"],   # the paper setting each row is checked against
 }
 
 LAUNCHED = ("train", "sample")   # started through meanflow.launch (torchrun with one worker per GPU)

@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from meanflow import config, layout
+from meanflow import config, labels, layout, report
 from meanflow.plan import Plan
 
 # The tables' columns (compare.py reads the CSVs back by these names). OUR_FID is the mean over
@@ -98,12 +98,18 @@ def frame(plan: Plan, table: str, paper: dict):
         p = paper.get((r.table, r.row), {})
         vals, boot, metric = seeds(r)
         s = summary(vals)
-        recs.append({ROW: r.row, SETTING: p.get("setting", r.experiment), PAPER_FID: p.get("fid", ""),
+        recs.append({ROW: r.row, SETTING: setting(plan, r, p.get("setting", r.experiment)), PAPER_FID: p.get("fid", ""),
                      OUR_FID: s["mean"], NFE: r.nfe, PAPER_EPOCHS: p.get("epochs", ""),
                      OUR_STEPS: _steps(r.paths) or r.cfg.train.steps, RUN: SEP.join(r.run_ids),
                      OUR_STD: s["std"], SEEDS: s["n"], PER_SEED: SEP.join("" if v is None else repr(v) for v in vals),
                      BOOT: SEP.join("" if b is None else f"{b[0]:.4f}..{b[1]:.4f}" for b in boot), METRIC: metric or ""})
     return pd.DataFrame(recs, columns=CSV_COLUMNS, dtype=object)
+
+
+def setting(plan: Plan, r, label: str) -> str:
+    """The row's label, marked with the keys where its config is no longer the paper setting."""
+    diff = labels.differences(plan.params, r.cfg)
+    return f"{label} {labels.MARK}edited: {labels.note(diff)}" if diff else label
 
 
 def orderings(df, table: str) -> list[str]:
@@ -126,22 +132,29 @@ def orderings(df, table: str) -> list[str]:
     return out
 
 
+def shown(df):
+    """The displayed table (.md, .tex, the report): COLUMNS as text, ours as `mean ± std (n)`, the
+    first run id (+ how many more replicas)."""
+    out = df.astype(object).where(df.notna(), None)
+    ours = [cell(m, s, n) for m, s, n in zip(out[OUR_FID], out[OUR_STD], out[SEEDS])]
+    out = out[COLUMNS].apply(lambda c: c.map(_fmt) if c.name in FID_COLUMNS else c.map(str))
+    out[OUR_FID] = ours
+    out[RUN] = [r.split(SEP)[0] + (f" +{r.count(SEP)}" if SEP in r else "") for r in out[RUN]]
+    return out
+
+
 def write(df, base: Path, title: str, table: str | None = None, note: list[str] = ()) -> None:
     """base.csv (values as recorded, per seed), base.md and base.tex (`mean ± std (n)`); in .md the
     `note` lines under the table, then the orderings."""
     df.to_csv(f"{base}.csv", index=False, lineterminator="\r\n")   # csv.DictWriter's bytes
-    shown = df.astype(object).where(df.notna(), None)
-    ours = [cell(m, s, n) for m, s, n in zip(shown[OUR_FID], shown[OUR_STD], shown[SEEDS])]
-    shown = shown[COLUMNS].apply(lambda c: c.map(_fmt) if c.name in FID_COLUMNS else c.map(str))
-    shown[OUR_FID] = ours
-    shown[RUN] = [r.split(SEP)[0] + (f" +{r.count(SEP)}" if SEP in r else "") for r in shown[RUN]]
-    md = shown.to_markdown(index=False, tablefmt="pipe", stralign=None, numalign=None, disable_numparse=True)
+    view = shown(df)
+    md = view.to_markdown(index=False, tablefmt="pipe", stralign=None, numalign=None, disable_numparse=True)
     head, rule, *body = md.splitlines()
     rule = re.sub(r"-+", "---", rule)   # tabulate pads the rule to the column widths; ours stays short
     Path(f"{base}.md").write_text("\n".join([f"# {title}", "", head, rule, *body, *note, *orderings(df, table)]) + "\n")
     # our escaper, not pandas' escape="latex": that writes "~" as \textasciitilde, changing the tables' bytes
-    tex = shown.style.hide(axis="index").format(_tex).format_index(_tex, axis=1)
-    Path(f"{base}.tex").write_text(tex.to_latex(hrules=True, column_format="l" + "r" * (len(shown.columns) - 1)))
+    tex = view.style.hide(axis="index").format(_tex).format_index(_tex, axis=1)
+    Path(f"{base}.tex").write_text(tex.to_latex(hrules=True, column_format="l" + "r" * (len(view.columns) - 1)))
 
 
 def _tex(s: str) -> str:
@@ -159,15 +172,24 @@ def build(params: dict, tier: str, out: str | Path = "results", tables: list[str
         d.mkdir(parents=True, exist_ok=True)
     paper = _paper(config.ROOT / p for p in plan.paper)
     for table in dict.fromkeys(r.table for r in plan.rows):
-        write(frame(plan, table, paper), res.tables / f"table_{table}", f"Table {table} ({tier} tier)", table,
-              notes(plan, table))
+        df = frame(plan, table, paper)
+        write(df, res.tables / f"table_{table}", f"Table {table} ({tier} tier)", table, notes(plan, table))
+        edited = {r.row: labels.note(d) for r in plan.rows if r.table == table and (d := labels.differences(params, r.cfg))}
+        report.write(shown(df), res.report / f"table_{table}", report.caption(
+            df, table, tier, plan.base, edited, {"row": ROW, "paper": PAPER_FID, "ours": OUR_FID}))
     _plots(plan, res)
     _grids(plan.rows, res.grids)
+    _logs(tier, res.logs)
     from meanflow import manifest   # here: manifest imports torch
     inputs = {str(p): manifest.file_hash(p) for r in plan.rows for rp in r.replica_paths if (p := rp.metrics(r.nfe)).exists()}
     manifest.write_json(res.manifest, manifest.stamp(tier=tier, plan_hash=plan.hash(), inputs=inputs))
     _fid_summary(plan, res)
     return res.root
+
+
+def grid_name(r) -> str:
+    """grids/table_<t>_<row>_nfe<k>.png: a grid says the NFE it was sampled with."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", f"table_{r.table}_{r.row}") + f"_nfe{r.nfe}.png"
 
 
 def _fid_summary(plan: Plan, res: layout.ResultPaths):
@@ -191,60 +213,147 @@ def _fid_summary(plan: Plan, res: layout.ResultPaths):
 
 
 def _grids(rows, out: Path):
-    """Each row's sample grid (samples_nfe{k}/grid.png of its run) as grids/table_<t>_<row>.png."""
+    """Each row's sample grid (samples_nfe{k}/grid.png of its run) as grids/<grid_name>."""
     out.mkdir(parents=True, exist_ok=True)
     for r in rows:
         src = r.paths.samples(r.nfe) / layout.GRID
         if src.exists():
-            name = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"table_{r.table}_{r.row}")
-            shutil.copyfile(src, out / f"{name}.png")
+            shutil.copyfile(src, out / grid_name(r))
+
+
+def _logs(tier: str, out: Path):
+    """The jobs' logs (logs/<tier>/<stage>[/<run>].log) as logs/<stage>[_<run>].log, for the report;
+    the tables jobs' own (tables.log, tables_<names>.log) are still being written and are left out."""
+    out.mkdir(parents=True, exist_ok=True)
+    src = layout.log(tier, "x").parent
+    for f in sorted(src.rglob("*.log")) if src.is_dir() else []:
+        rel = f.relative_to(src)
+        if not (len(rel.parts) == 1 and rel.name.startswith("tables")):
+            shutil.copyfile(f, out / "_".join(rel.parts))
 
 
 def _plots(plan: Plan, res: layout.ResultPaths):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    tier = plan.tier
+    name = report.metric_of(plan.base)[0]
+    for fn in (_plot_fid_vs_nfe, _plot_fid_vs_size, _plot_training_curves):
+        fig = fn(plan, name, plt)
+        fig.savefig(res.plot(fn.__name__.removeprefix("_plot_")), dpi=110, bbox_inches="tight")
+        plt.close(fig)
 
-    # FID against NFE, one line per experiment: mean over seeds, error bars one std
-    from meanflow.metrics.uncertainty import summary
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for r in {r.experiment: r for r in plan.rows}.values():
-        st = [summary([_fid(p, k) for p in r.replica_paths]) for k in r.cfg.sample.nfe]
-        if any(x["n"] for x in st):
-            ax.errorbar(list(r.cfg.sample.nfe), [x["mean"] if x["n"] else float("nan") for x in st],
-                        yerr=[x["std"] or 0.0 for x in st], marker="o", capsize=2, label=r.experiment)
-    ax.set(xlabel="NFE", ylabel="FID", title=f"FID vs NFE ({tier})")
+
+def _panels(plt, n: int, w: float = 3.2, h: float = 2.6):
+    cols = min(3, max(n, 1))
+    rows = -(-max(n, 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n]) or [axes.flat[0]]
+
+
+def _y_axis(ax):
+    """Log y when the values span more than 20x (one diverged row would flatten the rest), with plain
+    numbers as labels; linear otherwise."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    ys = [y for line in ax.lines for y in line.get_ydata() if y == y and y > 0]
+    if ys and max(ys) / min(ys) > 20:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _finish_panel(ax, table: str, xlabel: str, ylabel: str, ysize: int = 8):
+    """A table's panel: title, axis labels, y scale (_y_axis) and the legend beside it."""
+    ax.set_title(f"Table {table}", fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=ysize)
+    ax.tick_params(labelsize=7)
     if ax.lines:
-        ax.legend(fontsize=5, ncol=2)
-    fig.tight_layout(); fig.savefig(res.plot("fid_vs_nfe"), dpi=120); plt.close(fig)
+        _y_axis(ax)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
-    # FID against model size (Table 2 rows at 1 NFE)
-    fig, ax = plt.subplots(figsize=(5, 4))
+
+def _plot_fid_vs_nfe(plan: Plan, name: str, plt):
+    """One panel per table, a line per row's run over the NFEs it was sampled at (mean over seeds,
+    error bars one std); integer NFE ticks; y in the metric's own name, log when the rows span more than 20x."""
+    from meanflow.metrics.uncertainty import summary
+    tables = list(dict.fromkeys(r.table for r in plan.rows))
+    fig, axes = _panels(plt, len(tables))
+    for ax, table in zip(axes, tables):
+        seen = set()
+        for r in (r for r in plan.rows if r.table == table):
+            if r.run_id in seen:
+                continue
+            seen.add(r.run_id)
+            nfe = list(r.cfg.sample.nfe)
+            st = [summary([_fid(p, k) for p in r.replica_paths]) for k in nfe]   # mean over seeds, bars one std
+            if any(x["n"] for x in st):
+                ax.errorbar(nfe, [x["mean"] if x["n"] else float("nan") for x in st], yerr=[x["std"] or 0.0 for x in st],
+                            marker="o", ms=3, lw=1, capsize=2, label=r.row.removesuffix("-2nfe"))
+        ax.set_xticks(sorted({k for r in plan.rows if r.table == table for k in r.cfg.sample.nfe}))
+        _finish_panel(ax, table, "NFE", name)
+    fig.suptitle(f"{name} vs NFE per table ({plan.tier} tier; lower is better)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_fid_vs_size(plan: Plan, name: str, plt):
+    """Table 2 rows at 1 NFE (mean over seeds, error bars one std) against the network's parameter
+    count proxy (depth x hidden^2 on tiny)."""
+    from meanflow.metrics.uncertainty import summary
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
     pts = []
     for r in plan.rows:
         if r.table == "2" and r.nfe == 1:
             m = r.cfg.model
-            size = str((m.depth or 0) * (m.hidden or 0) ** 2) if m.name == "custom" else r.experiment
-            pts.append((size, summary([_fid(p, 1) for p in r.replica_paths])))
-    if pts:
-        ax.errorbar([p[0] for p in pts], [p[1]["mean"] if p[1]["n"] else float("nan") for p in pts],
-                    yerr=[p[1]["std"] or 0.0 for p in pts], marker="o", capsize=2)
-    ax.set(xlabel="model (depth x hidden^2 on tiny)", ylabel="FID @1 NFE", title=f"FID vs model size ({tier})")
-    fig.tight_layout(); fig.savefig(res.plot("fid_vs_size"), dpi=120); plt.close(fig)
+            st = summary([_fid(p, 1) for p in r.replica_paths])
+            pts.append((r.row, (m.depth or 0) * (m.hidden or 0) ** 2 if m.name == "custom" else None, st))
+    pts = [p for p in pts if p[2]["n"]]
+    ys, err = [p[2]["mean"] for p in pts], [p[2]["std"] or 0.0 for p in pts]
+    if pts and all(p[1] for p in pts):
+        ax.errorbar([p[1] for p in pts], ys, yerr=err, marker="o", capsize=2)
+        for (row, x, _), y in zip(pts, ys):
+            ax.annotate(row, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("depth x hidden^2 (tiny-tier size proxy)")
+    elif pts:
+        ax.errorbar([p[0] for p in pts], ys, yerr=err, marker="o", capsize=2)
+        ax.set_xlabel("model")
+    else:
+        ax.text(0.5, 0.5, "no Table 2 row measured", ha="center", va="center", transform=ax.transAxes)
+    ax.set(ylabel=f"{name} @ 1 NFE", title=f"{name} vs model size, Table 2 ({plan.tier} tier)")
+    fig.tight_layout()
+    return fig
 
-    # training curves from dvclive (plots/metrics/*.tsv)
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for run in (r for r in plan.runs.values() if r.replicate == 0):   # seed 0 only: one curve per run config
-        tsvs = sorted((layout.run(run.cfg).live_plots / "metrics").rglob("*.tsv"))
-        tsv = next((t for t in tsvs if "loss" in t.stem), None)
-        if tsv:
-            with open(tsv) as f:
-                rec = list(csv.DictReader(f, delimiter="\t"))
-            if rec:
-                k = [c for c in rec[0] if c not in ("step", "timestamp")][0]
-                ax.plot([float(x["step"]) for x in rec], [float(x[k]) for x in rec], lw=0.7, label=run.experiment)
-    ax.set(xlabel="step", ylabel="loss", title=f"training curves ({tier})", yscale="log" if ax.lines else "linear")
-    if ax.lines:
-        ax.legend(fontsize=5, ncol=2)
-    fig.tight_layout(); fig.savefig(res.plot("training_curves"), dpi=120); plt.close(fig)
+
+def _loss_curve(run_paths: layout.RunPaths, metric: str = "loss_unweighted"):
+    """(steps, values) of a DVCLive train metric, or None."""
+    tsv = run_paths.live_plots / "metrics" / "train" / f"{metric}.tsv"
+    if not tsv.exists():
+        return None
+    with open(tsv) as f:
+        rec = list(csv.DictReader(f, delimiter="\t"))
+    return ([float(x["step"]) for x in rec], [float(x[metric]) for x in rec]) if rec else None
+
+
+def _plot_training_curves(plan: Plan, name: str, plt):
+    """One panel per table: the unweighted squared error (the adaptive-weighted loss sits near 1 by
+    construction), raw (thin) and a centred rolling mean (thick); legend beside."""
+    tables = list(dict.fromkeys(r.table for r in plan.rows))
+    fig, axes = _panels(plt, len(tables))
+    for ax, table in zip(axes, tables):
+        seen = set()
+        for r in (r for r in plan.rows if r.table == table):
+            curve = None if r.run_id in seen else _loss_curve(r.paths)
+            seen.add(r.run_id)
+            if curve:
+                steps, ys = curve
+                import pandas as pd   # a centred rolling mean: no lag, unlike an EMA
+                smooth = pd.Series(ys).rolling(max(1, len(ys) // 8), center=True, min_periods=1).mean()
+                line, = ax.plot(steps, smooth, lw=1.2, label=r.row)
+                ax.plot(steps, ys, lw=0.4, alpha=0.35, color=line.get_color())
+        _finish_panel(ax, table, "step", "||u - u_tgt||^2 (unweighted)", ysize=7)
+    fig.suptitle(f"training: unweighted squared error, thick = rolling mean ({plan.tier} tier)", fontsize=10)
+    fig.tight_layout()
+    return fig

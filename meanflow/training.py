@@ -308,6 +308,10 @@ class Trainer:
         self.live = _open_live(self.paths.dvclive, self.k) if env.main else None
         self.bar = tqdm(total=tc.steps, initial=self.k, unit="step", desc=self.cfg.run_id, dynamic_ncols=True,
                         disable=not (self.progress and env.main), mininterval=1 if sys.stderr.isatty() else 30)
+        if not self.bar.disable:
+            log.info("progress: loss = the adaptive-weighted loss (near 1 by construction when p = 1); sq_err = "
+                     "||u - u_tgt||^2 summed over pixels, unweighted (the one that falls); means over log_every = %d steps",
+                     tc.log_every)
         # GPU: the next step's rows load in a thread while this step runs (CPU: no spare cores)
         self.pool = ThreadPoolExecutor(1) if self.device.type == "cuda" else None
         self.t_log = time.perf_counter()
@@ -359,7 +363,7 @@ class Trainer:
             self.live.log_metric("train/it_per_s", self.window / (now - self.t_log))
             self.live.log_metric("train/images_seen", n * self.cfg.train.batch)
             self.live.make_summary()
-        self.bar.set_postfix(loss=f"{means['loss']:.4f}", err=f"{means['loss_unweighted']:.4g}", refresh=False)
+        self.bar.set_postfix(loss=f"{means['loss']:.4f}", sq_err=f"{means['loss_unweighted']:.4g}", refresh=False)
         self.sums, self.window, self.t_log = [0.0] * len(METRICS), 0, now
 
     def run(self) -> Path:

@@ -13,12 +13,20 @@ from pathlib import Path
 from meanflow import config
 
 
+def _tiers() -> str:
+    """The default parameters file's tiers, for --help (a broken file is reported when loaded, not here)."""
+    try:
+        return ", ".join(config.load_params()["tiers"])
+    except config.ConfigError:
+        return "see params.yaml"
+
+
 def parser(name: str, doc: str, experiment: str | None = None) -> argparse.ArgumentParser:
     """The stage's parser with --params and --tier, and --experiment when `experiment` (its help) is given."""
     p = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default=str(config.PARAMS_PATH), help="parameters file (default: %(default)s)")
-    p.add_argument("--tier", help="tier to run (default: the file's `tier`)")
+    p.add_argument("--tier", help=f"tier to run: one of the file's `tiers` ({_tiers()}; default: the file's `tier`)")
     if experiment:
         p.add_argument("--experiment", help=experiment)
         p.add_argument("--replicate", type=int, default=0,
@@ -32,10 +40,18 @@ def debug_flag(p: argparse.ArgumentParser) -> None:
                    "(also MEANFLOW_DEBUG=1)")
 
 
-def load(args) -> config.Config:
-    """The config a stage with --experiment/--replicate runs (meanflow.plan.replica)."""
+def load(args, where: str = "", **sections) -> config.Config:
+    """The config a stage runs: --params/--tier/--experiment, replica --replicate of it
+    (meanflow.plan.replica: train.seed + i, sample.seed + i), then `sections` ({section: {key: value}},
+    None values dropped: the stage's own CLI overrides) merged over it and validated again; `where`
+    names the options in error messages."""
     from meanflow import plan
-    return plan.replica(config.load(args.params, tier=args.tier, experiment=args.experiment), args.replicate)
+    cfg = config.load(args.params, tier=args.tier, experiment=getattr(args, "experiment", None))
+    cfg = plan.replica(cfg, getattr(args, "replicate", 0))
+    over = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in sections.items()}
+    if not any(over.values()):
+        return cfg
+    return config.build(config.deep_merge(cfg.raw, over), cfg.tier, cfg.experiment, where=f"{args.params} with {where}")
 
 
 EXPERIMENT = "named experiment of the file's `experiments` (default: the tier's base config)"

@@ -8,13 +8,13 @@ exists without --force (no partial bundle is left)."""
 import argparse
 
 from meanflow import bundle
-from stages import debug_flag, guard
+from stages import _tiers, debug_flag, guard
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m stages.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tier", required=True, help="tier to export")
+    p.add_argument("--tier", required=True, help=f"tier to export ({_tiers()})")
     p.add_argument("--out", required=True, help="bundle path (.tar.gz)")
     p.add_argument("--root", default=".", help="project directory holding results/, runs/, data/ (default: .)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")

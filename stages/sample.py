@@ -2,18 +2,39 @@
 (VAE-decoded on latent tiers), as npz shards in ADM's layout (arr_0 NHWC uint8, arr_1 labels) under
 <run_dir>/samples_nfe{k}/, plus grid.png and manifest.json. Resumable per shard.
 
+By hand (as DiT's sample.py), from any weights file into any directory, e.g. 64 images at 1 NFE:
+    python -m stages.sample --ckpt runs/tiny/<run>/ema.safetensors --out demo/s --nfe 1 --n 64
+writes demo/s/samples_nfe1/{shard-00000.npz, grid.png, manifest.json}; the model is built from
+--params/--tier/--experiment (and --steps, to find a run trained with `stages.train --steps N`).
+
 Splitting: --shard i --num-shards n on each job (e.g. a SLURM array), and/or torchrun
 --nproc-per-node P -m stages.sample ...; the bytes do not depend on the split. The last worker
 to finish writes the manifest."""
+from pathlib import Path
 
-from meanflow import generate
+from meanflow import config, generate
 from meanflow.data import DataError
 from stages import EXPERIMENT, load, parser, run
+
+
+def weights(path: str | None) -> str | None:
+    """A weights file, or a checkpoint directory (checkpoints/step-N) holding ema.safetensors."""
+    if path is not None and Path(path).is_dir():
+        return str(Path(path) / "ema.safetensors")
+    return path
 
 
 def main(argv=None):
     p = parser("sample", __doc__, EXPERIMENT)
     p.add_argument("--nfe", type=int, nargs="+", help="NFEs to sample (default: sample.nfe)")
+    p.add_argument("--steps", type=int, help="train.steps of the run to sample (as given to stages.train --steps)")
+    p.add_argument("--ckpt", help="weights to sample: a .safetensors file or a checkpoints/step-N directory "
+                                  "(default: the run's ema.safetensors)")
+    p.add_argument("--out", type=Path, help="write samples_nfe{k}/ here instead of the run directory")
+    p.add_argument("--n", type=int, help="images per NFE (default: sample.n; with --out any number)")
+    p.add_argument("--schedule", type=float, nargs="+", metavar="T",
+                   help="explicit times from 1.0 down to 0.0, e.g. 1 0.6 0 (its NFE is added to --nfe)")
+    p.add_argument("--seed", type=int, help="noise seed (default: sample.seed)")
     p.add_argument("--shard", type=int, default=0, help="this job's number, 0-based (default: 0)")
     p.add_argument("--num-shards", type=int, default=1, help="number of jobs sharing the work (default: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -22,16 +43,22 @@ def main(argv=None):
     p.add_argument("--t-max", type=float, help="iMF: end of the CFG interval (sample.guidance)")
     args = p.parse_args(argv)
 
-    def cfg():
-        c = load(args)
+    def sample():
+        nfe = list(args.nfe or [])
+        if args.schedule and len(args.schedule) - 1 not in nfe:
+            nfe.append(len(args.schedule) - 1)
+        given = " ".join(f"--{k} {v}" for k, v in vars(args).items()
+                         if k in ("steps", "ckpt", "n", "schedule", "seed", "nfe") and v is not None)
+        cfg = load(args, given, train={"steps": args.steps},
+                   sample={"weights": weights(args.ckpt), "n": args.n, "seed": args.seed,
+                           "schedule": args.schedule, "nfe": nfe or None})
         g = {k: v for k, v in (("omega", args.omega), ("t_min", args.t_min), ("t_max", args.t_max)) if v is not None}
-        if not g:
-            return c
-        raw = config.deep_merge(c.raw, {})
-        raw["sample"]["guidance"] = {"all": g}
-        return config.build(raw, c.tier, c.experiment, where=f"{args.params} with --omega/--t-min/--t-max {g}")
-    run(p, lambda: generate.generate(cfg(), args.nfe, args.shard, args.num_shards, progress=not args.no_progress),
-        DataError, generate.SampleError, ValueError)
+        if g:   # replaces sample.guidance whole: an NFE's own entry would otherwise win over "all"
+            raw = config.deep_merge(cfg.raw, {})
+            raw["sample"]["guidance"] = {"all": g}
+            cfg = config.build(raw, cfg.tier, cfg.experiment, where=f"{args.params} with --omega/--t-min/--t-max {g}")
+        return generate.generate(cfg, nfe or None, args.shard, args.num_shards, progress=not args.no_progress, root=args.out)
+    run(p, sample, DataError, generate.SampleError, ValueError)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from stages import debug_flag, guard
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m stages.toy", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo/toy", help="output directory")
     ap.add_argument("--steps", type=int, default=None, help="training steps per model (default from meanflow.toy)")
     debug_flag(ap)

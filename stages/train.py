@@ -6,7 +6,7 @@ Exit codes: 0 done (or already done), 1 error (bad parameters, missing store, no
 the last good checkpoint is kept), 75 pre-empted (SIGTERM or SIGUSR1: a checkpoint was written at
 the end of the current step; run the same command again to resume, e.g. on SLURM requeue)."""
 
-from meanflow import config, data, training
+from meanflow import data, training
 from stages import EXPERIMENT, load, parser, run
 
 
@@ -17,10 +17,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     def train():
-        cfg = load(args)
-        if args.steps is not None:
-            raw = config.deep_merge(cfg.raw, {"train": {"steps": args.steps}})
-            cfg = config.build(raw, cfg.tier, cfg.experiment, where=f"{args.params} with --steps {args.steps}")
+        cfg = load(args, f"--steps {args.steps}", train={"steps": args.steps})
         return training.train(cfg, progress=not args.no_progress)
     run(p, train, data.DataError, training.TrainError)  # Preempted: its exit_code (75 or 130)
 

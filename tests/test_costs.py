@@ -54,6 +54,8 @@ def test_step_formula(params):
     kap = imagenet(params, "kappa_0p5").meanflow                        # kappa > 0: null and true class
     assert costs.train_example_flops(nf, kap, 1000) == 30.0 + 0.25 * 25.0 + 20.0
     assert costs.train_example_flops(nf, kap, 0) == 30.0 + 0.25 * 25.0   # unconditional: no CFG
+    imf = imagenet(params, "iMF-B/2").meanflow                            # v for class and null class
+    assert costs.train_example_flops(nf, imf, 1000) == 30.0 + imf.ratio * 25.0 + 20.0
 
 
 def test_gpu_hours_and_reference_utilisation():

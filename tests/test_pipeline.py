@@ -30,6 +30,14 @@ def params():
     return config.load_params()
 
 
+@pytest.fixture
+def params3(params):
+    """params.yaml with three seeds per row on tiny (the tier itself keeps 1 for make run's budget)."""
+    p = copy.deepcopy(params)
+    p["tiers"]["tiny"]["train"]["replicates"] = 3
+    return p
+
+
 def copy_repo(dst: Path) -> Path:
     for name in COPY:
         src = ROOT / name
@@ -56,7 +64,7 @@ def dry_jobs(cwd, tier):
         if not m or m.group(1) == "all":
             continue
         outs = re.search(r"^    output: (.*)$", block, re.M).group(1).split(", ")
-        cmd = re.search(r"^(?:Shell command: )?((?:python|torchrun) .*-m stages\..*)$", block, re.M)
+        cmd = re.search(r"^(?:Shell command: )?((?:python|torchrun) .*-m stages\..*?)(?: > \S+ 2>&1)?$", block, re.M)
         jobs.append((m.group(1), outs, cmd and cmd.group(1).strip()))
     return jobs
 
@@ -181,6 +189,19 @@ def test_second_run_does_nothing(done_repo):
     assert "Nothing to be done" in smk(done_repo, "-n").stdout
 
 
+def test_every_job_wrote_its_log(done_repo):
+    """Each rule's `log:` (logs/<tier>/<stage>[/<run>].log) exists after the run, and the tables job
+    copied the others into results/<tier>/logs for the report."""
+    P = config.load_params(done_repo / "params.yaml")
+    runs = plan.Plan(P, "tiny").runs
+    logs = done_repo / "logs" / "tiny"
+    want = {f"{s}.log" for s in ("acquire", "encode", "features", "tables")} | \
+        {f"{s}/{r}.log" for s in ("train", "sample", "fid") for r in runs}
+    assert {str(f.relative_to(logs)) for f in logs.rglob("*.log")} == want
+    copied = {f.name for f in (done_repo / "results" / "tiny" / "logs").glob("*.log")}
+    assert copied == {w.replace("/", "_") for w in want} - {"tables.log"}
+
+
 def test_one_value_change_reruns_one_chain(done_repo):
     p = done_repo / "params.yaml"
     p.write_text(p.read_text().replace("p_1p5: {meanflow: {p: 1.5}}", "p_1p5: {meanflow: {p: 1.6}}"))
@@ -188,24 +209,24 @@ def test_one_value_change_reruns_one_chain(done_repo):
     assert sorted(rules) == ["fid", "sample", "tables", "train"]
 
 
-def test_tables_rows_values_and_grids(params, tmp_path, monkeypatch):
+def test_tables_rows_values_and_grids(params3, tmp_path, monkeypatch):
     """tables.build puts each row's metric (fd_digits on tiny) beside the paper's FID and copies
     the row's sample grid; rows without metrics stay empty."""
     monkeypatch.chdir(tmp_path)
-    rows = {r.row: r for r in plan.rows(params, "tiny")}
+    rows = {r.row: r for r in plan.rows(params3, "tiny")}
     r0, r25 = rows["ratio_0"], rows["ratio_25"]
     for r, v in ((r0, 41.5), (r25, 7.25)):
         (Path(r.run_dir) / "samples_nfe1").mkdir(parents=True)
         (Path(r.run_dir) / "samples_nfe1" / "grid.png").write_bytes(b"png " + r.row.encode())
         (Path(r.run_dir) / "metrics_nfe1.json").write_text(
             f'{{"metric": "fd_digits", "value": {v}, "fd_digits": {v}}}')
-    root = tables.build(params, "tiny", out=tmp_path / "results")
+    root = tables.build(params3, "tiny", out=tmp_path / "results")
     recs = list(csv.DictReader(open(root / "tables" / "table_1a.csv")))
     got = {x["row"]: x["our FID"] for x in recs}
     assert got["ratio_0"] == "41.5" and got["ratio_25"] == "7.25" and got["ratio_50"] == ""
-    assert recs[0]["seeds"] == "1" and recs[0]["our FID per seed"] == "41.5" and recs[0]["run"] == ";".join(r0.run_ids)
+    assert recs[0]["seeds"] == "1" and recs[0]["our FID per seed"] == "41.5;;" and recs[0]["run"] == ";".join(r0.run_ids)
     assert [x["paper FID"] for x in recs][:2] == ["328.91", "61.06"]
-    assert (root / "grids" / "table_1a_ratio_0.png").read_bytes() == b"png ratio_0"
+    assert (root / "grids" / "table_1a_ratio_0_nfe1.png").read_bytes() == b"png ratio_0"
     md = (root / "tables" / "table_1a.md").read_text().splitlines()
     assert md[:4] == ["# Table 1a (tiny tier)", "", "| row | setting | paper FID | our FID | NFE | paper epochs | "
                       "our steps | run |", "|---|---|---|---|---|---|---|---|"]
@@ -219,16 +240,14 @@ def test_tables_rows_values_and_grids(params, tmp_path, monkeypatch):
     raw = (root / "tables" / "table_1a.csv").read_bytes()
     assert raw.startswith(b"row,setting,paper FID,our FID,NFE,paper epochs,our steps,run,our FID std,seeds,"
                           b"our FID per seed,bootstrap 95% per seed,metric\r\nratio_0,")
-    assert not (root / "grids" / "table_1a_ratio_50.png").exists()
+    assert not (root / "grids" / "table_1a_ratio_50_nfe1.png").exists()
 
 
-def test_tables_mean_std_per_seed_and_orderings(params, tmp_path, monkeypatch):
+def test_tables_mean_std_per_seed_and_orderings(params3, tmp_path, monkeypatch):
     """Three seeds per row: the .md cell is mean ± std (3), the .csv keeps each seed and each run's
     bootstrap interval, and the orderings section tests Table 1a's FM-vs-MF ordering over seeds."""
     monkeypatch.chdir(tmp_path)
-    params = copy.deepcopy(params)
-    params["tiers"]["tiny"]["train"]["replicates"] = 3
-    rows = {r.row: r for r in plan.rows(params, "tiny") if r.table == "1a"}
+    rows = {r.row: r for r in plan.rows(params3, "tiny") if r.table == "1a"}
     fids = {"ratio_0": [40.0, 42.0, 44.0], "ratio_25": [7.0, 8.0, 9.0], "ratio_50": [6.0, 9.0, 12.0]}
     for name, vals in fids.items():
         assert len(rows[name].replica_paths) == 3
@@ -236,7 +255,7 @@ def test_tables_mean_std_per_seed_and_orderings(params, tmp_path, monkeypatch):
             p.root.mkdir(parents=True)
             p.metrics(1).write_text(json.dumps({"metric": "fd_digits", "value": v,
                                                  "bootstrap": {"ci95": [v - 0.5, v + 0.25]}}))
-    root = tables.build(params, "tiny", out=tmp_path / "results")
+    root = tables.build(params3, "tiny", out=tmp_path / "results")
     recs = {x["row"]: x for x in csv.DictReader(open(root / "tables" / "table_1a.csv"))}
     assert recs["ratio_0"]["our FID"] == "42.0" and recs["ratio_0"]["our FID std"] == "2.0"
     assert recs["ratio_0"]["our FID per seed"] == "40.0;42.0;44.0" and recs["ratio_0"]["seeds"] == "3"

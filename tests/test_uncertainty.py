@@ -79,7 +79,7 @@ def test_replicates_keep_run_ids_and_differ_only_in_seeds():
         assert a == b
     assert len(three.runs) == 3 * len(one.runs) - 1
     params["tiers"]["tiny"]["train"]["replicates"] = 0
-    with pytest.raises(config.ConfigError, match="train.replicates = 0"):
+    with pytest.raises(config.ConfigError, match="train.replicates: 0 is less than the minimum of 1"):
         plan.Plan(params, "tiny")
     with pytest.raises(config.ConfigError, match="replicate 3"):
         plan.replica(config.resolve(params, "tiny", "ratio_0"), 3)

@@ -3,21 +3,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from .dit import DIT_CONFIGS, DiT
+from .dit import DIT_CONFIGS, DiT, dims
 
 
 def build_model(cfg) -> nn.Module:
     """Build the backbone a resolved Config names (cfg.model, with shapes from cfg.data)."""
     m, d = cfg.model, cfg.data
     if m.arch == "dit":
-        if m.name in DIT_CONFIGS:
-            depth, hidden, heads, patch = DIT_CONFIGS[m.name]
-        else:
-            missing = [k for k in ("depth", "hidden", "heads", "patch") if getattr(m, k) is None]
-            if missing:
-                raise ValueError(f"model.name {m.name!r} is not one of {sorted(DIT_CONFIGS)}; "
-                                 f"a custom DiT needs model.{', model.'.join(missing)}")
-            depth, hidden, heads, patch = m.depth, m.hidden, m.heads, m.patch
+        depth, hidden, heads, patch = dims(m, DIT_CONFIGS, "DiT")
         return DiT(input_size=d.input_size, patch=patch, in_channels=d.channels, hidden=hidden, depth=depth,
                    heads=heads, mlp_ratio=m.mlp_ratio, num_classes=d.num_classes, time_cond=m.time_cond,
                    t_scale=m.t_scale)

@@ -77,20 +77,7 @@ class DiT(nn.Module):
 
     def initialize_weights(self):
         # DiT's init: xavier linears, zeroed adaLN modulation and output (the "Zero" of adaLN-Zero)
-        def _basic(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-
-        self.apply(_basic)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.table.weight, std=0.02)
-        for emb in self.t_embedder.embedders:
-            nn.init.normal_(emb.mlp[0].weight, std=0.02)
-            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        init_common(self, self.t_embedder.embedders)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
@@ -112,3 +99,34 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))
+
+
+def init_common(net: nn.Module, time_embedders) -> None:
+    """The init every DiT variant shares (DiT's): xavier linears with zero bias, the patch
+    embedding as a linear, the label table and the time MLPs N(0, 0.02)."""
+    def _basic(m):
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    net.apply(_basic)
+    w = net.x_embedder.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(net.x_embedder.proj.bias)
+    if net.y_embedder is not None:
+        nn.init.normal_(net.y_embedder.table.weight, std=0.02)
+    for emb in time_embedders:
+        nn.init.normal_(emb.mlp[0].weight, std=0.02)
+        nn.init.normal_(emb.mlp[2].weight, std=0.02)
+
+
+def dims(m, configs: dict, what: str) -> tuple[int, int, int, int]:
+    """(depth, hidden, heads, patch) of model section m: a named config of `configs`, or custom sizes."""
+    if m.name in configs:
+        return configs[m.name]
+    missing = [k for k in ("depth", "hidden", "heads", "patch") if getattr(m, k) is None]
+    if missing:
+        raise ValueError(f"model.name {m.name!r} is not one of {sorted(configs)}; "
+                         f"a custom {what} needs model.{', model.'.join(missing)}")
+    return m.depth, m.hidden, m.heads, m.patch

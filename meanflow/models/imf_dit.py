@@ -16,6 +16,7 @@ from timm.layers import Mlp, PatchEmbed, RmsNorm, SwiGLU, apply_rot_embed, build
 from torch import nn
 
 from .attention import attention
+from .dit import dims, init_common
 from .embed import LabelEmbedder, TimeEmbedding, TimestepEmbedder
 
 # name: (depth, hidden, heads, patch); the official iMF configs (aux_head_depth 8 each)
@@ -155,22 +156,8 @@ class IMFDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def _basic(m):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-        self.apply(_basic)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.table.weight, std=0.02)
         embs = [*self.t_embedder.embedders, self.omega_embedder, self.t_min_embedder, self.t_max_embedder]
-        for emb in filter(None, embs):
-            nn.init.normal_(emb.mlp[0].weight, std=0.02)
-            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        init_common(self, filter(None, embs))
         for m in self.modules():  # the "zero" of adaLN-zero, and zero outputs
             if isinstance(m, (Block, Final)) and m.adaln:
                 nn.init.zeros_(m.adaLN_modulation[-1].weight)
@@ -242,14 +229,7 @@ def build_imf_dit(cfg) -> IMFDiT:
     """The IMFDiT a resolved Config names: sizes from model (a named iMF config or custom), which
     conditions it sees and whether it has a v-head from the meanflow section."""
     m, d, mf = cfg.model, cfg.data, cfg.meanflow
-    if m.name in IMF_CONFIGS:
-        depth, hidden, heads, patch = IMF_CONFIGS[m.name]
-    else:
-        missing = [k for k in ("depth", "hidden", "heads", "patch") if getattr(m, k) is None]
-        if missing:
-            raise ValueError(f"model.name {m.name!r} is not one of {sorted(IMF_CONFIGS)}; "
-                             f"a custom iMF DiT needs model.{', model.'.join(missing)}")
-        depth, hidden, heads, patch = m.depth, m.hidden, m.heads, m.patch
+    depth, hidden, heads, patch = dims(m, IMF_CONFIGS, "iMF DiT")
     return IMFDiT(input_size=d.input_size, patch=patch, in_channels=d.channels, hidden=hidden, depth=depth, heads=heads,
                   mlp_ratio=m.mlp_ratio, num_classes=d.num_classes, time_cond=m.time_cond, t_scale=m.t_scale,
                   cond=m.cond, omega_cond=mf.omega_cond, interval_cond=mf.interval_cond,

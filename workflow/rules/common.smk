@@ -3,6 +3,11 @@
 # Every path comes from meanflow.layout (through the plan); {run} is the run wildcard.
 from meanflow import config as mfconfig, launch, layout, plan as mfplan
 
+CONFIG_KEYS = {"tier": "the tier to run (params.yaml's tiers)", "params": "the parameters file (default params.yaml)",
+               "tables": "comma-separated tables instead of the tier's list, e.g. imf1 (make run-imf)"}
+if set(config) - set(CONFIG_KEYS):   # `--config teir=imagenet` would silently run the default tier
+    raise WorkflowError(f"unknown --config key(s) {', '.join(sorted(set(config) - set(CONFIG_KEYS)))}; "
+                        "allowed: " + "; ".join(f"{k} ({v})" for k, v in CONFIG_KEYS.items()))
 PARAMS = config.get("params", "params.yaml")
 try:
     P = mfconfig.load_params(PARAMS)
@@ -14,6 +19,7 @@ except mfconfig.ConfigError as e:
     raise WorkflowError(str(e))
 RUNS, NFE, TABLES = PLAN.runs, PLAN.nfe, PLAN.tables
 ONLY_FLAG = f" --tables {' '.join(ONLY)}" if ONLY else ""
+SUB = "_" + "+".join(ONLY) if ONLY else ""   # the table list's suffix of per-list files
 REP = {rid: mfplan.replicate_arg(r.replicate) for rid, r in RUNS.items()}   # "" or " --replicate i"
 D = PLAN.data                # data/<tier>/...
 R = PLAN.run_paths("{run}")  # runs/<tier>/{run}/...

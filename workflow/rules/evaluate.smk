@@ -4,13 +4,15 @@ rule sample:
     output: [directory(str(R.samples(k))) for k in NFE]
     params: exp=lambda w: RUNS[w.run].experiment, rep=lambda w: REP[w.run], cfg=lambda w: RUNS[w.run].hash, launch=launch.from_resources
     resources: **RES["sample"]
+    log: str(layout.log(TIER, "sample", "{run}"))
     benchmark: str(layout.benchmark(TIER, "sample", "{run}"))
-    shell: "{params.launch} -m stages.sample --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress"
+    shell: "{params.launch} -m stages.sample --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress > {log} 2>&1"
 
 rule fid:
     input: [str(R.samples(k)) for k in NFE], FID_REF, CODE["fid"]
     output: [str(R.metrics(k)) for k in NFE]
     params: exp=lambda w: RUNS[w.run].experiment, rep=lambda w: REP[w.run], cfg=lambda w: RUNS[w.run].hash
     resources: **RES["fid"]
+    log: str(layout.log(TIER, "fid", "{run}"))
     benchmark: str(layout.benchmark(TIER, "fid", "{run}"))
-    shell: "python -m stages.fid --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress"
+    shell: "python -m stages.fid --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress > {log} 2>&1"

@@ -8,5 +8,6 @@ rule train:
         live=directory(str(R.dvclive)),
     params: exp=lambda w: RUNS[w.run].experiment, rep=lambda w: REP[w.run], cfg=lambda w: RUNS[w.run].hash, launch=launch.from_resources
     resources: **RES["train"]
+    log: str(layout.log(TIER, "train", "{run}"))
     benchmark: str(layout.benchmark(TIER, "train", "{run}"))
-    shell: "{params.launch} -m stages.train --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress"
+    shell: "{params.launch} -m stages.train --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress > {log} 2>&1"

@@ -67,7 +67,7 @@ def generate(params: dict) -> dict:
             "deps": [*(str(plan.run_paths(rid).metrics(k)) for rid in plan.runs for k in plan.nfe), *code["tables"],
                      *plan.paper],
             "params": ["tables"],
-            "outs": [str(out.tables), str(out.plots), str(out.grids), str(out.fid_csv)],
+            "outs": [str(out.tables), str(out.plots), str(out.grids), str(out.report), str(out.logs), str(out.fid_csv)],
             "metrics": [str(out.fid_json)]}
         assert plan.tables  # every tier with runs builds tables
         # a handful of plots: the FID of every table row, and training loss per table (a run family)

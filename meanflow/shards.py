@@ -86,7 +86,7 @@ class Shards:
         """Verify every shard that has a marker; a damaged or missing one loses its marker (so it is
         remade) and the manifest, now stale, is removed. Returns the shards dropped, each named in a
         warning. Shards without a marker may be another worker's in progress: left alone."""
-        bad = [k for k in range(len(self.ranges)) if self.marker(k).exists() and not self.done(k)]
+        bad = self.damaged()
         for k in bad:
             log.warning("%s: missing or damaged (not the hash its marker %s recorded); it will be remade",
                         self.file(k), self.marker(k).name)
@@ -112,6 +112,10 @@ class Shards:
 
     def complete(self) -> bool:
         return all(self.done(k) for k in range(len(self.ranges)))
+
+    def damaged(self) -> list[int]:
+        """Shards whose marker exists but whose file is missing or not the hash the marker recorded."""
+        return [k for k in range(len(self.ranges)) if self.marker(k).exists() and not self.done(k)]
 
     def sha256(self, k: int) -> str:
         return manifest.file_hash(self.file(k))

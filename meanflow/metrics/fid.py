@@ -158,9 +158,9 @@ def evaluate(cfg, nfe: int, allow_fewer: bool = False, inception_weights: str | 
                           "--allow-fewer to evaluate what is there (the metric is then biased)")
     if count < 2:
         raise MetricError(f"{out}: {count} samples; need at least 2 for a covariance")
-    for sh, p in shards:  # the bytes we measure are the bytes the sample stage recorded
-        if manifest.file_hash(p) != sh["sha256"]:
-            raise MetricError(f"{p}: sha256 differs from {sh['file'].replace('.npz', '.json')}; the shard is corrupt")
+    for k in sh.damaged():  # the bytes we measure are the bytes the sample stage recorded (done() hashed them)
+        raise MetricError(f"{sh.file(k)}: sha256 differs from {sh.marker(k).name}, or is missing; the shard is "
+                          "corrupt: rerun stages.sample to remake it")
     device = runtime.device(s.device, "sample.device", MetricError)
     space = space or Space(cfg, inception_weights, device)
 

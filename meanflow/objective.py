@@ -69,6 +69,13 @@ def _warn_fallback(net):
 _WARNED: set = set()
 
 
+def _rows(idx: torch.Tensor):
+    """A run of consecutive row indices as a slice (views, no gather: the official front layout puts
+    the r != t rows last), else the indices."""
+    a, b = int(idx[0]), int(idx[-1])
+    return slice(a, b + 1) if b - a + 1 == len(idx) else idx
+
+
 def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return a.view(-1, *([1] * (like.dim() - 1)))
 
@@ -166,6 +173,20 @@ class MeanFlow:
         u_fn, api = jvp_plan(net, u_fn, c.jvp_api, tangents, sub(y_in))
 
         fp32 = torch.autocast(z.device.type, enabled=False) if c.jvp_fp32 else nullcontext()
+        if api == "explicit" and grad_net is net and not (c.jvp_fp32 and torch.is_autocast_enabled(z.device.type)):
+            # one gradient forward over the batch carries the r != t rows' tangent (either strategy:
+            # the explicit tangent has no graph); not under autocast with an fp32 jvp, nor compiled
+            dz, dr_, dt_ = tangents
+            u, dudt = explicit_tangent.dit_jvp(net, (z, t, t - r), (dz, dt_, dt_ - dr_), y_in, rows=_rows(mf))
+        else:
+            u, dudt = self._u_and_jvp(u_fn, api, fp32, grad_net, z, t, r, y_in, mf, tangents, kw)
+        u_tgt = v_g.clone()
+        u_tgt[mf] -= _bcast(tm - rm, dudt).clamp(0, 1) * _full(dudt)
+        return _full(u), u_tgt.detach()
+
+    def _u_and_jvp(self, u_fn, api, fp32, grad_net, z, t, r, y_in, mf, tangents, kw):
+        """u over the batch (with gradients) and du/dt on the rows mf, by the generic jvp."""
+        c, rm, tm = self.cfg, r[mf], t[mf]
         with fp32:
             if c.strategy == "joint":  # gradients flow through the jvp's primal output
                 u_mf, dudt = jvp(u_fn, (z[mf], rm, tm), tangents, api)
@@ -180,9 +201,7 @@ class MeanFlow:
             u = u_mf
         else:
             u = grad_net(z, t, t - r, y_in, **kw())
-        u_tgt = v_g.clone()
-        u_tgt[mf] -= _bcast(tm - rm, dudt).clamp(0, 1) * _full(dudt)
-        return _full(u), u_tgt.detach()
+        return u, dudt
 
     # ------------------------------------------------------------------ adaptive loss
     def loss_from(self, u, u_tgt, v) -> LossOutput:

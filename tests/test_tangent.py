@@ -86,19 +86,40 @@ def test_explicit_tangent_under_grad_mode_carries_the_primal_gradient_only(dtype
     assert rel(du, du_ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [slice(2, 5), torch.tensor([0, 3, 4])])
+def test_tangent_of_some_rows_inside_the_gradient_forward(rows, dtype):
+    """dit_jvp(rows=...): u over every row with the plain forward's graph, du for the given rows only
+    (a slice: the front layout's last rows; indices: the random layout), equal to torch.func.jvp on them."""
+    net = make_dit("wide", "t,r,t-r", 5, dtype)
+    (z, t, h), (dz, dt, dh), y = inputs(net, dtype=dtype)
+    idx = torch.arange(len(z))[rows]
+    u, du = dit_jvp(net, (z, t, h), (dz[idx], dt[idx], dh[idx]), y, rows=rows)
+    assert u.requires_grad and not du.requires_grad and len(du) == len(idx) < len(u)
+    _, du_ref = torch.func.jvp(lambda a, b, c: net(a, b, c, y[idx]), (z[idx], t[idx], h[idx]), (dz[idx], dt[idx], dh[idx]))
+    assert rel(du, du_ref) < TOL[dtype]
+    w = torch.randn(u.shape, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    grads = torch.autograd.grad((u * w).sum(), list(net.parameters()))
+    ref = torch.autograd.grad((net(z, t, h, y) * w).sum(), list(net.parameters()))
+    flat = lambda gs: torch.cat([g.flatten() for g in gs])
+    assert rel(flat(grads), flat(ref)) < TOL[dtype]
+
+
 def mf_cfg(**kw):
     return config.build({"meanflow": kw}).meanflow
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["front", "random"])
 @pytest.mark.parametrize("strategy", ["split", "joint"])
-def test_training_step_loss_and_gradients_equal_the_generic_jvp(strategy, dtype):
+def test_training_step_loss_and_gradients_equal_the_generic_jvp(strategy, layout, dtype):
     n, nc = 8, 5
     g = torch.Generator().manual_seed(4)
     x, e = (torch.randn(n, 3, 8, 8, generator=g, dtype=dtype) for _ in range(2))
     y = torch.randint(0, nc, (n,), generator=g)
     t = torch.rand(n, generator=g, dtype=dtype) * 0.8 + 0.15
-    r = torch.where(torch.arange(n) < 3, t, t * torch.rand(n, generator=g, dtype=dtype))  # 3 rows r = t
+    fm = torch.arange(n) < 3 if layout == "front" else torch.tensor([0, 1, 0, 0, 1, 0, 1, 0], dtype=torch.bool)
+    r = torch.where(fm, t, t * torch.rand(n, generator=g, dtype=dtype))  # 3 rows r = t
     drop = torch.arange(n) % 4 == 0  # null-class rows, r = t and r != t both
     out = {}
     for api in ("func", "explicit"):

@@ -6,7 +6,8 @@ peak memory is measured per variant in a fresh subprocess (CUDA: max_memory_allo
 peak RSS above the RSS just before the first step). Prints ratios against Flow Matching and a
 per-part breakdown of the step (gradient forward, tangent = the jvp call, backward, rest).
 
-    python bench/train_step.py [--rounds 7] [--steps 5] [--batch 16 64] [--device cpu]
+    python bench/train_step.py [--rounds 7] [--steps 5] [--batch 16 64] [--device cpu] [--compile]
+(time/FM and mem/FM of a compiled variant are against fm_compiled.)
 Targets (issue 18): MeanFlow/FM step time <= 1.15 at batch 64 (<= 1.3 at 16), peak memory <= 1.1.
 """
 from __future__ import annotations
@@ -35,13 +36,15 @@ from meanflow.training import EMA, make_optimizer, step  # noqa: E402
 VARIANTS = {"fm": {"ratio": 0.0}}  # Flow Matching: ratio 0, no jvp
 VARIANTS.update({f"mf_{s}_{a}": {"ratio": 0.25, "strategy": s, "jvp_api": a}
                  for s in ("joint", "split") for a in ("func", "forward_ad", "explicit")})
+# --compile: train.compile's path (the gradient forward compiled; the explicit one pass compiled)
+COMPILED = {"fm_compiled": {"ratio": 0.0}, "mf_explicit_compiled": {"ratio": 0.25, "jvp_api": "explicit"}}
 
 
 def setup(args, variant):
     cfg = config.build({
         "data": {"channels": 4, "input_size": args.size, "num_classes": 10},
         "model": {"name": "custom", "depth": args.depth, "hidden": args.hidden, "heads": args.heads, "patch": args.patch},
-        "meanflow": {**VARIANTS[variant], "omega": 1.0},
+        "meanflow": {**{**VARIANTS, **COMPILED}[variant], "omega": 1.0},
         "train": {"lr": 1e-4},
     })
     device = select_device(args.device)
@@ -50,16 +53,20 @@ def setup(args, variant):
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(args.batch, 4, args.size, args.size, device=device, generator=g)
     y = torch.randint(0, 10, (args.batch,), device=device, generator=g)
-    return net, (make_optimizer(net, cfg.train), EMA(net, 0.9999)), MeanFlow(cfg.meanflow, 10), x, y, g, device
+    obj, grad_net = MeanFlow(cfg.meanflow, 10), None
+    if variant in COMPILED:
+        grad_net = torch.compile(net).__call__
+        obj.compile_tangent()
+    return net, (make_optimizer(net, cfg.train), EMA(net, 0.9999)), obj, x, y, g, grad_net, device
 
 
 def timed(state, steps):
-    net, (opt, ema), obj, x, y, g, device = state
+    net, (opt, ema), obj, x, y, g, grad_net, device = state
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        step(obj, net, opt, x, y, ema=ema, generator=g)
+        step(obj, net, opt, x, y, ema=ema, generator=g, grad_net=grad_net)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
@@ -71,7 +78,7 @@ def timed_parts(state, steps):
     the one gradient forward that carries the r != t rows' tangent), the backward and the rest
     (sampling, loss, host sync, optimiser, EMA). Parts are clocked by wrapping and forward hooks, not
     re-implemented; a part inside another counts once, in the outer one."""
-    net, (opt, ema), obj, x, y, g, device = state
+    net, (opt, ema), obj, x, y, g, grad_net, device = state
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     acc, open_ = defaultdict(float), []
 
@@ -99,16 +106,24 @@ def timed_parts(state, steps):
     jvp, dit_jvp, backward = objective.jvp, explicit_tangent.dit_jvp, torch.Tensor.backward
     objective.jvp, explicit_tangent.dit_jvp = clocked("tangent", jvp), clocked("tangent", dit_jvp)
     torch.Tensor.backward = clocked("backward", backward)
-    hooks = [net.register_forward_pre_hook(lambda *_: start("forward")), net.register_forward_hook(lambda *_: stop())]
+    compiled_jvp = obj.dit_jvp
+    if compiled_jvp is not None:
+        obj.dit_jvp = clocked("tangent", compiled_jvp)
+    hooks = []
+    if grad_net is None:  # the bare net's forwards (hooks keep `grad_net is net` for the one-pass path)
+        hooks = [net.register_forward_pre_hook(lambda *_: start("forward")), net.register_forward_hook(lambda *_: stop())]
+    else:  # compiled: the call is the forward
+        grad_net = clocked("forward", grad_net)
     try:
         for _ in range(steps):
             sync()
             t0 = time.perf_counter()
-            step(obj, net, opt, x, y, ema=ema, generator=g)
+            step(obj, net, opt, x, y, ema=ema, generator=g, grad_net=grad_net)
             sync()
             acc["total"] += time.perf_counter() - t0
     finally:
         objective.jvp, explicit_tangent.dit_jvp, torch.Tensor.backward = jvp, dit_jvp, backward
+        obj.dit_jvp = compiled_jvp
         for h in hooks:
             h.remove()
     acc["rest"] = acc["total"] - acc["forward"] - acc["tangent"] - acc["backward"]
@@ -139,10 +154,11 @@ def peak_memory_child(args, variant):
 
 def bench(args):
     """Interleaved medians of step time and per-part time, peak memory per variant, one batch size."""
-    states = {v: setup(args, v) for v in VARIANTS}
+    variants = list(VARIANTS) + (list(COMPILED) if args.compile else [])
+    states = {v: setup(args, v) for v in variants}
     for s in states.values():
         timed(s, 2)  # warm-up
-    times, parts = {v: [] for v in VARIANTS}, {v: [] for v in VARIANTS}
+    times, parts = {v: [] for v in variants}, {v: [] for v in variants}
     for _ in range(args.rounds):  # interleaved so that machine noise hits every variant alike
         for v, s in states.items():
             times[v].append(timed(s, args.steps))
@@ -154,7 +170,7 @@ def bench(args):
     argv = [f"--{k}={getattr(args, k)}" for k in ("batch", "size", "hidden", "depth", "heads", "patch", "threads")]
     argv += [f"--device={args.device}"] if args.device else []
     mem = {}
-    for v in VARIANTS:
+    for v in variants:
         # glibc keeps freed blocks for reuse, which hides peaks from RSS; mmap-backed allocations
         # return to the OS at once, so the child's peak RSS tracks live tensors
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -166,9 +182,10 @@ def bench(args):
           f"{(args.size // args.patch) ** 2} tokens, batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
     print(f"{'variant':<22} {'ms/step':>9} {'time/FM':>8} {'peak MiB':>9} {'mem/FM':>7} |"
           f" {'fwd':>6} {'tangent':>7} {'fwd+tan':>7} {'bwd':>6} {'rest':>6} (ms, median of part-timed steps)")
-    for v in VARIANTS:
+    for v in variants:
+        fm = "fm_compiled" if v in COMPILED else "fm"
         p = {k: 1000 * part[v][k] for k in ("forward", "tangent", "backward", "rest")}
-        print(f"{v:<22} {1000 * med[v]:9.1f} {med[v] / med['fm']:8.2f} {mem[v] / 2**20:9.1f} {mem[v] / mem['fm']:7.2f} |"
+        print(f"{v:<22} {1000 * med[v]:9.1f} {med[v] / med[fm]:8.2f} {mem[v] / 2**20:9.1f} {mem[v] / mem[fm]:7.2f} |"
               f" {p['forward']:6.1f} {p['tangent']:7.1f} {p['forward'] + p['tangent']:7.1f} {p['backward']:6.1f} {p['rest']:6.1f}")
     best = min((v for v in VARIANTS if v != "fm"), key=med.get)
     target = 1.15 if args.batch >= 64 else 1.3
@@ -190,6 +207,7 @@ def main():
     ap.add_argument("--patch", type=int, default=2)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", action="store_true", help="also train.compile's path (fm_compiled, mf_explicit_compiled)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

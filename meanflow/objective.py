@@ -90,6 +90,12 @@ class MeanFlow:
 
     def __init__(self, cfg, num_classes: int = 0):
         self.cfg, self.num_classes = cfg, num_classes
+        self.dit_jvp = None  # torch.compile'd explicit tangent pass (compile_tangent)
+
+    def compile_tangent(self):
+        """train.compile: the explicit tangent's one pass runs through torch.compile (equal within
+        fp32 rounding, tests/test_tangent.py); the generic jvps stay eager."""
+        self.dit_jvp = torch.compile(explicit_tangent.dit_jvp)
 
     # ------------------------------------------------------------------ sample t, r and masks
     def _times(self, n, generator, device):
@@ -173,11 +179,13 @@ class MeanFlow:
         u_fn, api = jvp_plan(net, u_fn, c.jvp_api, tangents, sub(y_in))
 
         fp32 = torch.autocast(z.device.type, enabled=False) if c.jvp_fp32 else nullcontext()
-        if api == "explicit" and grad_net is net and not (c.jvp_fp32 and torch.is_autocast_enabled(z.device.type)):
+        one_pass = grad_net is net or self.dit_jvp is not None
+        if api == "explicit" and one_pass and not (c.jvp_fp32 and torch.is_autocast_enabled(z.device.type)):
             # one gradient forward over the batch carries the r != t rows' tangent (either strategy:
-            # the explicit tangent has no graph); not under autocast with an fp32 jvp, nor compiled
+            # the explicit tangent has no graph); not under autocast with an fp32 jvp
             dz, dr_, dt_ = tangents
-            u, dudt = explicit_tangent.dit_jvp(net, (z, t, t - r), (dz, dt_, dt_ - dr_), y_in, rows=_rows(mf))
+            fn = self.dit_jvp or explicit_tangent.dit_jvp
+            u, dudt = fn(net, (z, t, t - r), (dz, dt_, dt_ - dr_), y_in, rows=_rows(mf))
         else:
             u, dudt = self._u_and_jvp(u_fn, api, fp32, grad_net, z, t, r, y_in, mf, tangents, kw)
         u_tgt = v_g.clone()

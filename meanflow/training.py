@@ -222,6 +222,8 @@ class Trainer:
                 dist.broadcast(v, 0)
         # the jvp stays on the bare net; a bound method, as a compiled module has no truth value
         self.fwd = torch.compile(self.net).__call__ if tc.compile else self.net
+        if tc.compile and hasattr(self.objective, "compile_tangent"):
+            self.objective.compile_tangent()
         self.opt = make_optimizer(self.net, tc)
         self.ema = EMA(self.net, tc.ema)
         self.averager = GradAverager(self.net.parameters(), env.world) if env.world > 1 else None

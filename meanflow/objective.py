@@ -156,7 +156,7 @@ class MeanFlow:
         return z, v, v_g, torch.where(drop, torch.full_like(y, self.num_classes), y)
 
     # ------------------------------------------------------------------ target via jvp
-    def u_and_target(self, net, z, t, r, v_g, y_in, grad_net=None, aug=None):
+    def u_and_target(self, net, z, t, r, v_g, y_in, grad_net=None, aug=None, rows=None):
         """u_theta(z, r, t) (with gradients) and the stop-gradient target
         v_g - clip(t - r, 0, 1) du/dt, both at least fp32.
 
@@ -165,7 +165,9 @@ class MeanFlow:
         c, grad_net = self.cfg, net if grad_net is None else grad_net
         # augmentation labels (data.augment) ride along with the rows; nets without them never see the keyword
         kw = (lambda i=None: {}) if aug is None else (lambda i=None: {"aug": aug if i is None else aug[i]})
-        mf = (t != r).nonzero().squeeze(1)
+        # `rows`: given by stacked replicas (training.Replicas: vmap cannot take a data-dependent shape),
+        # a superset of the r != t rows; the extra rows' target is v_g all the same (t - r = 0)
+        mf = (t != r).nonzero().squeeze(1) if rows is None else rows
         if len(mf) == 0:  # Flow Matching: no jvp at all
             return _full(grad_net(z, t, t - r, y_in, **kw())), v_g.detach()
         sub = lambda a: None if a is None else a[mf]
@@ -232,7 +234,8 @@ class MeanFlow:
             drop = self.sample_drop(n, generator, dev)
         return t.to(x.dtype), r.to(x.dtype), e.to(x.dtype), drop
 
-    def __call__(self, net, x, y=None, *, e=None, t=None, r=None, drop=None, generator=None, grad_net=None, aug=None):
+    def __call__(self, net, x, y=None, *, e=None, t=None, r=None, drop=None, generator=None, grad_net=None, aug=None,
+                 rows=None):
         """Loss on a batch x (B, ...) with labels y. e, t, r and the dropout mask are drawn from
         `generator` unless given. `grad_net` (e.g. the DDP wrapper of `net`) runs the forward that
         carries gradients; the jvp always goes through the bare `net`. `aug`: augmentation labels (B, 6)
@@ -240,5 +243,5 @@ class MeanFlow:
         x = _full(x)
         t, r, e, drop = self.draws(x, t, r, e, drop, generator)
         z, v, v_g, y_in = self.velocities(net, x, y, e, t, drop)
-        u, u_tgt = self.u_and_target(net, z, t, r, v_g, y_in, grad_net, aug)
+        u, u_tgt = self.u_and_target(net, z, t, r, v_g, y_in, grad_net, aug, rows)
         return self.loss_from(u, u_tgt, v)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch._C._functorch import is_functorch_wrapped_tensor
+
 from .dit import Attention, DiT
 
 
@@ -109,7 +111,10 @@ class _Pair:
         split = lambda a: a.reshape(len(a), N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         (q, k, v), (dq, dk, dv) = split(qkv), split(dqkv)
         scale = attn.head_dim ** -0.5
-        if not self.stack:  # the primal carries gradients through the fused kernel
+        if not self.stack and is_functorch_wrapped_tensor(q):  # stacked replicas (vmap): no fused batching rule
+            p_all = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
+            o = p_all @ v
+        elif not self.stack:  # the primal carries gradients through the fused kernel
             o = F.scaled_dot_product_attention(q, k, v)
         with _nograd():
             q, k, v = self.at(q), self.at(k), self.at(v)

@@ -4,6 +4,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/replicas.smk"
 include: "workflow/rules/tables.smk"
 
 rule all:

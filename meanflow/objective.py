@@ -135,7 +135,9 @@ class MeanFlow:
         kappa = _bcast(torch.where(inside, c.kappa, 0.0), v)
         null = torch.full_like(y, self.num_classes)
         with torch.no_grad():  # the current network at r = t, no gradient
-            if c.kappa > 0:
+            if c.kappa > 0 and getattr(net, "replicas", 0):  # stacked rows are replica-major: no cat
+                v_uncond, v_cond = _full(net(z, t, torch.zeros_like(t), null)), _full(net(z, t, torch.zeros_like(t), y))
+            elif c.kappa > 0:
                 n = z.shape[0]
                 out = net(torch.cat([z, z]), torch.cat([t, t]), torch.zeros_like(torch.cat([t, t])), torch.cat([null, y]))
                 v_uncond, v_cond = _full(out[:n]), _full(out[n:])
@@ -214,14 +216,18 @@ class MeanFlow:
         return u, dudt
 
     # ------------------------------------------------------------------ adaptive loss
-    def loss_from(self, u, u_tgt, v) -> LossOutput:
-        """Per-sample squared error summed over C, H, W, divided by sg((l + eps)^p), batch mean."""
+    def loss_from(self, u, u_tgt, v, groups: int = 1) -> LossOutput:
+        """Per-sample squared error summed over C, H, W, divided by sg((l + eps)^p), batch mean.
+        groups = R > 1 (stacked replicas, rows replica-major): each field is the R replicas' means."""
         with torch.autocast(u.device.type, enabled=False):
             err = (u - u_tgt) ** 2
             per_sample = err.flatten(1).sum(1)
             weighted = per_sample / (per_sample.detach() + self.cfg.eps) ** self.cfg.p
-            v_loss = ((u.detach() - v) ** 2).flatten(1).sum(1).mean()
-        return LossOutput(weighted.mean(), per_sample.detach().mean(), err.detach().mean(), v_loss)
+            v_sq = ((u.detach() - v) ** 2).flatten(1).sum(1)
+        if groups > 1:
+            g = lambda a: a.reshape(groups, -1).mean(1)
+            return LossOutput(g(weighted), g(per_sample.detach()), g(err.detach()), g(v_sq))
+        return LossOutput(weighted.mean(), per_sample.detach().mean(), err.detach().mean(), v_sq.mean())
 
     def draws(self, x, t, r, e, drop, generator):
         """(t, r, e, drop) for batch x: each not given is drawn from `generator` (in this order)."""
@@ -235,13 +241,14 @@ class MeanFlow:
         return t.to(x.dtype), r.to(x.dtype), e.to(x.dtype), drop
 
     def __call__(self, net, x, y=None, *, e=None, t=None, r=None, drop=None, generator=None, grad_net=None, aug=None,
-                 rows=None):
+                 rows=None, groups: int = 1):
         """Loss on a batch x (B, ...) with labels y. e, t, r and the dropout mask are drawn from
         `generator` unless given. `grad_net` (e.g. the DDP wrapper of `net`) runs the forward that
         carries gradients; the jvp always goes through the bare `net`. `aug`: augmentation labels (B, 6)
-        for a network conditioned on them (unguided: classifier-free guidance is off where they are used)."""
+        for a network conditioned on them (unguided: classifier-free guidance is off where they are used).
+        `rows`, `groups`: stacked replicas (training.StackedTrainer): the tangent rows, and R per-replica means."""
         x = _full(x)
         t, r, e, drop = self.draws(x, t, r, e, drop, generator)
         z, v, v_g, y_in = self.velocities(net, x, y, e, t, drop)
         u, u_tgt = self.u_and_target(net, z, t, r, v_g, y_in, grad_net, aug, rows)
-        return self.loss_from(u, u_tgt, v)
+        return self.loss_from(u, u_tgt, v, groups)

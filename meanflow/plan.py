@@ -84,6 +84,7 @@ def replica(cfg: config.Config, i: int) -> config.Config:
         raise config.ConfigError(f"replicate {i}: {cfg.experiment or cfg.tier} has train.replicates = {n} (0..{n - 1})")
     raw = config.deep_merge(cfg.raw, {})
     raw["train"].pop("replicates", None)
+    raw["train"].pop("group_replicas", None)   # how the row's jobs are cut, not the run
     if i:
         raw["train"]["seed"] += i
         raw["sample"]["seed"] += i
@@ -116,6 +117,9 @@ class Plan:
         self.paper = [paper] if isinstance(paper, str) else list(paper)   # one CSV or several (MeanFlow's, iMF's)
         cache: dict[str, config.Config] = {}
         self.rows: list[Row] = []
+        # train.group_replicas: replica 0's run id -> (experiment, every replica's run id), one job each
+        # (stages.replicas) instead of train/sample/fid per replica
+        self.groups: dict[str, tuple[str, list[str]]] = {}
         for table in self.tables:
             if table not in t.get("rows", {}):
                 named = f"tables.tiers.{tier}" if tables is None else f"the table list {self.subset}"
@@ -126,6 +130,8 @@ class Plan:
                 if exp not in cache:
                     full = config.resolve(params, tier, exp, where=where)
                     cache[exp] = tuple(replica(full, i) for i in range(replicates(full)))
+                    if full.raw["train"].get("group_replicas") and len(cache[exp]) > 1:
+                        self.groups.setdefault(cache[exp][0].run_id, (exp, [c.run_id for c in cache[exp]]))
                 reps = cache[exp]
                 cfg = reps[0]
                 self.rows.append(Row(str(table), item["row"], exp, nfe, cfg.run_id, str(cfg.run_dir), cfg, reps))
@@ -185,10 +191,12 @@ CODE = {
     "sample": ["stages/sample.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/generate.py",
                "meanflow/sampling.py", "meanflow/models/*.py"],
     "fid": ["stages/fid.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/metrics/*.py"],
+    "replicas": ["stages/replicas.py", "meanflow/replicas.py"],   # plus train's, sample's and fid's (below)
     "tables": ["stages/tables.py", *_COMMON, "meanflow/plan.py", "meanflow/tables.py", "meanflow/metrics/uncertainty.py",
                "meanflow/labels.py", "meanflow/report.py",
                "reference/experiments.yaml"],   # the paper setting each row is checked against
 }
+CODE["replicas"] = sorted(set(CODE["replicas"] + CODE["train"] + CODE["sample"] + CODE["fid"]))
 
 LAUNCHED = ("train", "sample")   # started through meanflow.launch (torchrun with one worker per GPU)
 

@@ -96,14 +96,15 @@ def step(objective, net, opt, x, y=None, *, ema=None, averager=None, grad_net=No
     """One optimisation step: forward (bf16 autocast on GPU), backward, gradients averaged over
     ranks (`averager`), update, EMA. The objective draws (e, t, r, drop; iMF's omega, t_min,
     t_max) from `generator` unless `draws` gives them. Returns the METRICS (global means) and the
-    global stop flag (any rank's `stop`): one host sync. A non-finite loss raises NonFiniteLoss before the update."""
+    global stop flag (any rank's `stop`): one host sync. A non-finite loss raises NonFiniteLoss before the update.
+    For stacked replicas (draws with groups = R) each metric is the list of the R replicas' values."""
     if averager:
         averager.zero()
     else:
         opt.zero_grad(set_to_none=True)
     with autocast(x.device):
         out = objective(net, x, y, generator=generator, grad_net=grad_net, **(draws or {}))
-    out.loss.backward()
+    out.loss.sum().backward()  # stacked replicas: the sum of their means, each gradient its own loss's
     stats = torch.stack([getattr(out, m).detach().float() for m in METRICS])
     if averager:
         stats = torch.cat([stats, torch.tensor([float(stop)], device=stats.device)])
@@ -113,7 +114,7 @@ def step(objective, net, opt, x, y=None, *, ema=None, averager=None, grad_net=No
         vals, stop = [v / averager.world for v in vals], stops > 0
     else:
         vals = stats.tolist()
-    if not all(math.isfinite(v) for v in vals):
+    if not all(math.isfinite(v) for v in stats.flatten().tolist()):
         raise NonFiniteLoss(f"non-finite loss{where}: loss = {vals[0]}, unweighted = {vals[1]}; stopped before the update")
     opt.step()
     if ema is not None:

@@ -15,17 +15,24 @@ Under grad mode the primal carries gradients (attention through fused SDPA) and 
 computed without a graph, as the target is a stop-gradient anyway; under no_grad primal and tangent
 share each matmul. `rows` gives the tangent to some rows only: the training step runs one gradient
 forward over the whole batch carrying the tangent of its r != t rows (objective.u_and_target), instead
-of a second pass over those rows. Only the exact `DiT` class is covered (`supports`); other backbones
-keep the generic forward-mode AD.
+of a second pass over those rows. Without tangents the pass is the plain forward.
+
+`StackedDiT`: R DiTs of one architecture as one module, every trainable parameter with a leading
+replica axis, so R seeds train in one pass of batched matmuls (training.StackedTrainer): on CPU a
+tiny DiT's step is bound by per-op overhead, which R replicas then pay once. Rows of all replicas
+are concatenated replica-major (R * n rows); a replica's rows meet only its own weights.
+
+Only the exact `DiT` class and `StackedDiT` are covered (`supports`); other backbones keep the
+generic forward-mode AD.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch._C._functorch import is_functorch_wrapped_tensor
 
 from .dit import Attention, DiT
@@ -33,8 +40,8 @@ from .dit import Attention, DiT
 
 def supports(net: nn.Module) -> bool:
     """True when `net` is exactly the DiT these rules were derived for (no subclass, no qk-norm,
-    tanh-GELU MLP, plain patch embedding)."""
-    if type(net) is not DiT:
+    tanh-GELU MLP, plain patch embedding), or a StackedDiT of such DiTs."""
+    if type(net) not in (DiT, StackedDiT):
         return False
     pe = net.x_embedder
     ok = isinstance(pe.norm, nn.Identity) and pe.flatten and not pe.dynamic_img_pad
@@ -52,70 +59,103 @@ def _nograd():
 
 
 class _Pair:
-    """The rules, for a tangent carried by the primal rows `rows` (None: every row)."""
+    """The rules, for a tangent carried by the primal rows `rows` (None: every row) or no tangent
+    (`tangent` False: the plain forward). For a StackedDiT (`stacked`) every tensor has a leading
+    replica axis and rows index the batch axis behind it."""
 
-    def __init__(self, rows):
-        self.rows = rows
+    def __init__(self, rows, tangent: bool = True, stacked: bool = False):
+        self.rows, self.tangent, self.stacked = rows, tangent, stacked
+        self.bdim = 1 if stacked else 0
         # primal and tangent stacked in one matmul: only without a graph and with one tangent per row
-        self.stack = rows is None and not torch.is_grad_enabled()
+        self.stack = tangent and rows is None and not torch.is_grad_enabled()
 
     def at(self, a):
         """The primal rows the tangent belongs to (a view for a slice)."""
-        return a if self.rows is None else a[self.rows]
+        if self.rows is None:
+            return a
+        return a[:, self.rows] if self.stacked else a[self.rows]
+
+    @staticmethod
+    def _lin(x, w, b=None):
+        if w.dim() == 2:
+            return F.linear(x, w, b)
+        # stacked: (R, ..., in) @ (R, out, in)^T per replica, bias (R, out)
+        y = torch.matmul(x.flatten(1, -2), w.transpose(1, 2))
+        if b is not None:
+            y = y + b.unsqueeze(1)
+        return y.view(*x.shape[:-1], w.shape[1])
 
     def linear(self, lin: nn.Linear, x, dx):
         """(x W^T + b, dx W^T)."""
+        if not self.tangent:
+            return self._lin(x, lin.weight, lin.bias), None
         if not self.stack:
             with _nograd():
-                dy = F.linear(dx, lin.weight)
-            return F.linear(x, lin.weight, lin.bias), dy
-        y = F.linear(torch.cat([x, dx]), lin.weight)
-        p, dy = y[: len(x)], y[len(x):]
+                dy = self._lin(dx, lin.weight)
+            return self._lin(x, lin.weight, lin.bias), dy
+        n = x.shape[self.bdim]
+        y = self._lin(torch.cat([x, dx], self.bdim), lin.weight)
+        p, dy = y.narrow(self.bdim, 0, n), y.narrow(self.bdim, n, y.shape[self.bdim] - n)
         if lin.bias is not None:
-            p += lin.bias
+            b = lin.bias
+            p += b.view(len(b), *[1] * (p.dim() - 2), -1) if b.dim() == 2 else b
         return p, dy
 
     def silu(self, x, dx):
+        if not self.tangent:
+            return F.silu(x), None
         with _nograd():
             d = torch.ops.aten.silu_backward(dx, self.at(x))
         return F.silu(x), d
 
     def gelu(self, x, dx):
+        if not self.tangent:
+            return F.gelu(x, approximate="tanh"), None
         with _nograd():
             d = torch.ops.aten.gelu_backward(dx, self.at(x), approximate="tanh")
         return F.gelu(x, approximate="tanh"), d
 
     def layer_norm(self, ln: nn.LayerNorm, x, dx):
         n, _, rstd = torch.native_layer_norm(x, ln.normalized_shape, None, None, ln.eps)
+        if not self.tangent:
+            return n, None
         with _nograd():
             nr = self.at(n)
             dn = self.at(rstd) * (dx - dx.mean(-1, keepdim=True) - nr * (nr * dx).mean(-1, keepdim=True))
         return n, dn
 
     def modulate(self, n, dn, shift, scale, dshift, dscale):
-        s1 = 1 + scale.unsqueeze(1)
+        s1 = 1 + scale.unsqueeze(-2)
+        if not self.tangent:
+            return n * s1 + shift.unsqueeze(-2), None
         with _nograd():
-            dm = dn * self.at(s1) + self.at(n) * dscale.unsqueeze(1) + dshift.unsqueeze(1)
-        return n * s1 + shift.unsqueeze(1), dm
+            dm = dn * self.at(s1) + self.at(n) * dscale.unsqueeze(-2) + dshift.unsqueeze(-2)
+        return n * s1 + shift.unsqueeze(-2), dm
 
     def gated(self, x, dx, a, da, gate, dgate):
         """x + gate * a (the adaLN-Zero residual)."""
-        g = gate.unsqueeze(1)
+        g = gate.unsqueeze(-2)
+        if not self.tangent:
+            return x + g * a, None
         with _nograd():
-            d = dx + dgate.unsqueeze(1) * self.at(a) + self.at(g) * da
+            d = dx + dgate.unsqueeze(-2) * self.at(a) + self.at(g) * da
         return x + g * a, d
 
     def attention(self, attn: Attention, x, dx):
-        B, N, C = x.shape
+        N, C = x.shape[-2:]
         qkv, dqkv = self.linear(attn.qkv, x, dx)
-        split = lambda a: a.reshape(len(a), N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        (q, k, v), (dq, dk, dv) = split(qkv), split(dqkv)
+        # (..., N, 3C) -> q, k, v of (..., heads, N, head_dim)
+        split = lambda a: a.unflatten(-1, (3, attn.num_heads, attn.head_dim)).movedim(-3, 0).transpose(-3, -2).unbind(0)
+        q, k, v = split(qkv)
         scale = attn.head_dim ** -0.5
-        if not self.stack and is_functorch_wrapped_tensor(q):  # stacked replicas (vmap): no fused batching rule
-            p_all = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)
-            o = p_all @ v
+        if not self.stack and is_functorch_wrapped_tensor(q):  # under vmap: no fused batching rule
+            o = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
         elif not self.stack:  # the primal carries gradients through the fused kernel
             o = F.scaled_dot_product_attention(q, k, v)
+        merge = lambda a: a.transpose(-3, -2).flatten(-2)
+        if not self.tangent:
+            return self.linear(attn.proj, merge(o), None)
+        dq, dk, dv = split(dqkv)
         with _nograd():
             q, k, v = self.at(q), self.at(k), self.at(v)
             kt = k.transpose(-2, -1)
@@ -124,13 +164,12 @@ class _Pair:
                 o = p @ v
             pds = p * ((dq @ kt + q @ dk.transpose(-2, -1)) * scale)
             do = pds @ v - pds.sum(-1, keepdim=True) * self.at(o) + p @ dv
-        merge = lambda a: a.transpose(1, 2).reshape(len(a), N, C)
         return self.linear(attn.proj, merge(o), merge(do))
 
     def block(self, blk, x, dx, sc, dsc):
         mod, dmod = self.linear(blk.adaLN_modulation[-1], sc, dsc)
-        sh1, s1, g1, sh2, s2, g2 = mod.chunk(6, dim=1)
-        dsh1, ds1, dg1, dsh2, ds2, dg2 = dmod.chunk(6, dim=1)
+        sh1, s1, g1, sh2, s2, g2 = mod.chunk(6, dim=-1)
+        dsh1, ds1, dg1, dsh2, ds2, dg2 = dmod.chunk(6, dim=-1) if self.tangent else [None] * 6
         h, dh = self.modulate(*self.layer_norm(blk.norm1, x, dx), sh1, s1, dsh1, ds1)
         x, dx = self.gated(x, dx, *self.attention(blk.attn, h, dh), g1, dg1)
         h, dh = self.modulate(*self.layer_norm(blk.norm2, x, dx), sh2, s2, dsh2, ds2)
@@ -140,28 +179,48 @@ class _Pair:
     def timestep(self, emb, t, dt):
         """TimestepEmbedder: sinusoid of scale * t, then Linear, SiLU, Linear."""
         half = emb.freq_dim // 2
-        f = emb.sinusoid(t * emb.scale, emb.freq_dim)
-        with _nograd():
-            freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=f.dtype, device=t.device) / half)
-            da = (dt * emb.scale)[:, None].to(f.dtype) * freqs[None]
-            fr = self.at(f)
-            df = torch.cat([-fr[:, half:] * da, fr[:, :half] * da], dim=-1)
+        f = emb.sinusoid((t * emb.scale).flatten(), emb.freq_dim).view(*t.shape, -1)
+        df = None
+        if self.tangent:
+            with _nograd():
+                freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=f.dtype, device=t.device) / half)
+                da = (dt * emb.scale)[..., None].to(f.dtype) * freqs
+                fr = self.at(f)
+                df = torch.cat([-fr[..., half:] * da, fr[..., :half] * da], dim=-1)
         w = emb.mlp[0].weight.dtype
-        h, dh = self.silu(*self.linear(emb.mlp[0], f.to(w), df.to(w)))
+        h, dh = self.silu(*self.linear(emb.mlp[0], f.to(w), None if df is None else df.to(w)))
         return self.linear(emb.mlp[2], h, dh)
 
     def embed_times(self, te, t, h, dt, dh):
-        times = {"t": (t, dt), "r": (t - h, dt - dh), "t-r": (h, dh)}
+        times = {"t": (t, dt), "r": (t - h, None if dt is None else dt - dh), "t-r": (h, dh)}
         c = dc = 0
         for name, emb in zip(te.names, te.embedders):
             e, de = self.timestep(emb, *times[name])
             c = c + e
-            with _nograd():
-                dc = dc + de
-        return c, dc
+            if self.tangent:
+                with _nograd():
+                    dc = dc + de
+        return c, (dc if self.tangent else None)
+
+    def labels(self, ye, y):
+        w = ye.table.weight
+        if w.dim() == 2:
+            return ye(y)
+        return w[torch.arange(len(w), device=y.device)[:, None], y]  # replica i's table at its labels
 
     def patch_embed(self, pe, z, dz):
         conv = pe.proj
+        if self.stacked:  # patches (stride = kernel) times each replica's kernel as a matrix
+            p = conv.weight.shape[-1]
+            patches = lambda a: a.unflatten(-2, (-1, p)).unflatten(-1, (-1, p)).permute(0, 1, 3, 5, 2, 4, 6).flatten(2, 3).flatten(-3)
+            w = conv.weight.flatten(2)
+            x = self._lin(patches(z), w, conv.bias)
+            if not self.tangent:
+                return x, None
+            with _nograd():
+                return x, self._lin(patches(dz), w)
+        if not self.tangent:
+            return conv(z).flatten(2).transpose(1, 2), None
         if not self.stack:
             with _nograd():
                 dx = F.conv2d(dz, conv.weight, None, conv.stride)
@@ -176,20 +235,81 @@ class _Pair:
 def dit_jvp(net: DiT, primals, tangents, y=None, rows=None):
     """(u, du) = (net(z, t, h, y), its derivative along (dz, dt, dh)) for primals (z, t, h) with
     h = t - r and tangents (dz, dt, dh); the label y has no tangent. With `rows` (a slice or an index
-    tensor), the tangents belong to the primal rows `rows` and du has len(tangents) rows."""
+    tensor), the tangents belong to the primal rows `rows` and du has len(tangents) rows.
+    tangents None: (u, None), the plain forward. For a StackedDiT the rows are R * n replica-major
+    and `rows` are global indices at the same positions in every replica."""
     z, t, h = primals
-    dz, dt, dh = tangents
-    R = _Pair(rows)
-    x, dx = R.patch_embed(net.x_embedder, z, dz)
+    dz, dt, dh = tangents if tangents is not None else (None, None, None)
+    R = getattr(net, "replicas", 0)
+    if R:  # (R * n, ...) -> (R, n, ...); rows -> their positions within a replica
+        n = len(z) // R
+        z, t, h = z.unflatten(0, (R, n)), t.unflatten(0, (R, n)), h.unflatten(0, (R, n))
+        y = None if y is None else y.unflatten(0, (R, n))
+        rows = None if rows is None else _local(rows, R, n)
+        if tangents is not None:
+            dz, dt, dh = (a.unflatten(0, (R, -1)) for a in (dz, dt, dh))
+    P = _Pair(rows, tangents is not None, stacked=R > 0)
+    x, dx = P.patch_embed(net.x_embedder, z, dz)
     x = x + net.pos_embed.to(z.dtype)
-    c, dc = R.embed_times(net.t_embedder, t, h, dt, dh)
+    c, dc = P.embed_times(net.t_embedder, t, h, dt, dh)
     if net.y_embedder is not None:
-        c = c + net.y_embedder(y)
-    sc, dsc = R.silu(c, dc)  # every adaLN starts with SiLU(c): computed once
+        c = c + P.labels(net.y_embedder, y)
+    sc, dsc = P.silu(c, dc)  # every adaLN starts with SiLU(c): computed once
     for blk in net.blocks:
-        x, dx = R.block(blk, x, dx, sc, dsc)
+        x, dx = P.block(blk, x, dx, sc, dsc)
     fl = net.final_layer
-    mod, dmod = R.linear(fl.adaLN_modulation[-1], sc, dsc)
-    (shift, scale), (dshift, dscale) = mod.chunk(2, dim=1), dmod.chunk(2, dim=1)
-    x, dx = R.linear(fl.linear, *R.modulate(*R.layer_norm(fl.norm_final, x, dx), shift, scale, dshift, dscale))
-    return net.unpatchify(x), net.unpatchify(dx)
+    mod, dmod = P.linear(fl.adaLN_modulation[-1], sc, dsc)
+    (shift, scale) = mod.chunk(2, dim=-1)
+    (dshift, dscale) = dmod.chunk(2, dim=-1) if P.tangent else (None, None)
+    x, dx = P.linear(fl.linear, *P.modulate(*P.layer_norm(fl.norm_final, x, dx), shift, scale, dshift, dscale))
+    if R:
+        x, dx = x.flatten(0, 1), None if dx is None else dx.flatten(0, 1)
+    return net.unpatchify(x), None if dx is None else net.unpatchify(dx)
+
+
+def _local(rows, R: int, n: int):
+    """Global row indices at the same positions in each of R replicas of n rows -> those positions."""
+    idx = torch.arange(R * n)[rows] if isinstance(rows, slice) else rows
+    local = idx.view(R, -1) - torch.arange(R, device=idx.device)[:, None] * n if len(idx) % R == 0 else None
+    if local is None or not (local == local[0]).all():
+        raise ValueError("stacked replicas: the tangent rows must sit at the same positions in every replica")
+    return local[0]
+
+
+class StackedDiT(DiT):
+    """R DiTs of one architecture as one module (see the module docstring): `stack(nets)` builds it,
+    `replica(i)` gives replica i's state dict (the plain DiT's keys), `load_replicas` refills it."""
+
+    replicas: int = 0
+
+    @classmethod
+    def stack(cls, nets: list[DiT]) -> StackedDiT:
+        if not nets or any(type(n) is not DiT for n in nets):
+            raise TypeError("StackedDiT.stack takes plain DiTs")
+        s = copy.deepcopy(nets[0])
+        s.__class__, s.replicas = cls, len(nets)
+        s.load_replicas([n.state_dict() for n in nets])
+        return s
+
+    def _slots(self):
+        """(module, attribute, state-dict key) of every trainable parameter."""
+        for key, _ in list(self.named_parameters()):
+            mod_name, _, attr = key.rpartition(".")
+            yield self.get_submodule(mod_name), attr, key
+
+    def load_replicas(self, states: list[dict]):
+        """Every trainable parameter <- the stack of the replicas' tensors (new leaves)."""
+        if len(states) != self.replicas:
+            raise ValueError(f"{len(states)} states for {self.replicas} replicas")
+        for mod, attr, key in self._slots():
+            old = getattr(mod, attr)
+            stacked = torch.stack([st[key].to(old.device, old.dtype) for st in states])
+            setattr(mod, attr, nn.Parameter(stacked, requires_grad=old.requires_grad))
+
+    def replica(self, i: int) -> dict:
+        """Replica i's state dict (copies), loadable into the plain DiT."""
+        stacked = {key for _, _, key in self._slots()}
+        return {k: (v[i] if k in stacked else v).detach().clone() for k, v in self.state_dict().items()}
+
+    def forward(self, z, t, h, y=None):
+        return dit_jvp(self, (z, t, h), None, y)[0]

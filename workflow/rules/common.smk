@@ -26,8 +26,10 @@ R = PLAN.run_paths("{run}")  # runs/<tier>/{run}/...
 OUT = PLAN.results           # results/<tier>/... (plots_<tables>/, grids_<tables>/ for ONLY)
 TABLE_OUTPUTS = [str(OUT.table(t, ext)) for t in TABLES for ext in layout.TABLE_EXTS]
 
+# runs of grouped rows (train.group_replicas) come from rules/replicas.smk, not the per-run rules
+GROUPED = {i for _, ids in PLAN.groups.values() for i in ids}
 wildcard_constraints:
-    run="|".join(RUNS) or "NONE",
+    run="|".join(r for r in RUNS if r not in GROUPED) or "NONE",
 
 CODE = {s: mfplan.code(s) for s in mfplan.CODE}
 DATA_HASH = PLAN.data_hash()

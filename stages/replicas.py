@@ -1,0 +1,26 @@
+"""Every replica of one row in one process: train the R seeds (stacked in one pass where the backbone
+allows it, else one by one), then sample and score each, writing exactly what stages.train,
+stages.sample and stages.fid write for each replica's run. Snakemake runs it for rows whose
+config has train.group_replicas (the tiny tier: the per-job start cost is paid once per row).
+Resumable: each replica's checkpoints, sample shards and metrics are its own.
+
+    python -m stages.replicas --tier tiny --experiment default"""
+
+from meanflow import config, data, generate, metrics, plan, replicas, training
+from stages import EXPERIMENT, parser, run
+
+
+def main(argv=None):
+    p = parser("replicas", __doc__, EXPERIMENT)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+
+    def row():
+        full = config.load(args.params, tier=args.tier, experiment=args.experiment)
+        cfgs = [plan.replica(full, i) for i in range(plan.replicates(full))]
+        replicas.run_row(cfgs, progress=not args.no_progress)
+    run(p, row, data.DataError, training.TrainError, generate.SampleError, metrics.MetricError)
+
+
+if __name__ == "__main__":
+    main()

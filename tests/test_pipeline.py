@@ -108,8 +108,10 @@ def test_dvc_yaml_is_current(params):
 
 # --------------------------------------------------------------------------- Snakemake == DVC
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    return copy_repo(tmp_path_factory.mktemp("repo"))
+def repo(tmp_path_factory, params):
+    repo = copy_repo(tmp_path_factory.mktemp("repo"))
+    (repo / "dvc.yaml").write_text(dvcgen.render(params, TIERS))   # every tier (the committed one lists the default)
+    return repo
 
 
 def dvc_stages(cwd):

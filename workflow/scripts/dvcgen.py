@@ -1,8 +1,11 @@
 """Write dvc.yaml from the same plan Snakemake reads (meanflow.plan): one stage group per tier and
 stage, foreach over the tier's runs, with the same commands and the same paths (meanflow.layout) as
 the Snakefile. Not a pipeline stage: rerun it after editing params.yaml's experiments or tables,
-    python workflow/scripts/dvcgen.py [--check]
-(tests/test_pipeline.py checks dvc.yaml is current)."""
+    python workflow/scripts/dvcgen.py [--check] [--tiers tiny,imagenet]
+(tests/test_pipeline.py checks dvc.yaml is current). It lists the tiers this repository records:
+params.yaml's `tier` unless --tiers names others, never a tier nobody runs, since DVC treats a
+stage without a dvc.lock entry as missing (`dvc exp apply` and `dvc checkout` fail on it, `dvc
+metrics show` warns)."""
 import argparse
 import re
 import sys
@@ -31,10 +34,17 @@ def stage_key(experiment: str, replicate: int = 0) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", experiment) + (f"-seed{replicate}" if replicate else "")
 
 
-def generate(params: dict) -> dict:
+def tiers_of(text: str) -> list[str]:
+    """The tiers a generated dvc.yaml lists (its tables-<tier> stages), in order."""
+    return [k[len("tables-"):] for k in (yaml.safe_load(text) or {}).get("stages", {}) if k.startswith("tables-")]
+
+
+def generate(params: dict, tiers: list[str] | None = None) -> dict:
     stages, plots = {}, []
     code = {s: mfplan.code(s) for s in mfplan.CODE}
-    for tier in params["tiers"]:
+    for tier in tiers or [params["tier"]]:
+        if tier not in params["tiers"]:
+            raise config.ConfigError(f"--tiers: {tier!r} is not a tier of params.yaml (tiers: {', '.join(params['tiers'])})")
         plan = mfplan.Plan(params, tier)
         if not plan.runs:
             continue
@@ -86,8 +96,8 @@ class _NoAliases(yaml.SafeDumper):
         return True
 
 
-def render(params: dict) -> str:
-    return HEADER + yaml.dump(generate(params), Dumper=_NoAliases, sort_keys=False, width=200)
+def render(params: dict, tiers: list[str] | None = None) -> str:
+    return HEADER + yaml.dump(generate(params, tiers), Dumper=_NoAliases, sort_keys=False, width=200)
 
 
 def main(argv=None):
@@ -95,9 +105,10 @@ def main(argv=None):
     p.add_argument("--params", default=str(config.PARAMS_PATH))
     p.add_argument("--out", default="dvc.yaml")
     p.add_argument("--check", action="store_true", help="exit 1 if --out is not current")
+    p.add_argument("--tiers", help="comma-separated tiers to list (default: params.yaml's tier)")
     args = p.parse_args(argv)
     try:
-        text = render(config.load_params(args.params))
+        text = render(config.load_params(args.params), args.tiers.split(",") if args.tiers else None)
     except config.ConfigError as e:
         p.exit(1, f"error: {e}\n")
     if args.check:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
@@ -30,8 +32,9 @@ def main(argv=None):
         apply_overrides(str(params), args.set)
     try:
         tier = args.tier or config.load_params(params)["tier"]
-        subprocess.run([sys.executable, str(ROOT / "workflow/scripts/dvcgen.py")], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+        listed = [k[len("tables-"):] for k in yaml.safe_load(before[1])["stages"] if k.startswith("tables-")]
+        subprocess.run([sys.executable, str(ROOT / "workflow/scripts/dvcgen.py"), "--tiers", ",".join(listed or [tier])],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)   # the tiers dvc.yaml lists now
     except (config.ConfigError, subprocess.CalledProcessError) as e:
         params.write_text(before[0]), dvcyaml.write_text(before[1])
         p.exit(1, f"error: {e}\n")

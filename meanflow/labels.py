@@ -21,7 +21,7 @@ NOT_SETTING = {
              "vae_revision"},
     "model": set(),
     "meanflow": {"jvp_api"},   # same derivatives either way
-    "train": {*config.RUN_NEUTRAL, "replicates"},   # how many seeds, not which setting
+    "train": {*config.RUN_NEUTRAL, "replicates", "group_replicas"},   # how many seeds and jobs, not which setting
     "sample": {"device", "weights", "shard_size", "batch", "fid_batch", "grid"},
 }
 

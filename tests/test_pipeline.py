@@ -32,7 +32,7 @@ def params():
 
 @pytest.fixture
 def params3(params):
-    """params.yaml with three seeds per row on tiny (the tier itself keeps 1 for make run's budget)."""
+    """params.yaml with three seeds per row on tiny (as the tier itself; explicit, should the tier change)."""
     p = copy.deepcopy(params)
     p["tiers"]["tiny"]["train"]["replicates"] = 3
     return p
@@ -168,6 +168,12 @@ outs = {"acquire": [d / "raw/index.json"], "encode": [d / "store/manifest.json"]
         "sample": [r / f"samples_nfe{k}/x" for k in nfe], "fid": [r / f"metrics_nfe{k}.json" for k in nfe]}
 if STAGE == "tables":
     tables.build(P, a.tier)
+if STAGE == "replicas":   # every replica's train, sample and fid outputs
+    full = config.resolve(P, a.tier, a.experiment)
+    for i in range(plan.replicates(full)):
+        c = plan.replica(full, i); r = c.run_dir
+        outs["replicas"] = outs.get("replicas", []) + [r / "ema.safetensors", r / "train_manifest.json",
+            r / "dvclive/plots/metrics/loss.tsv", *(r / f"samples_nfe{k}/x" for k in nfe), *(r / f"metrics_nfe{k}.json" for k in nfe)]
 for o in outs.get(STAGE, []):
     o.parent.mkdir(parents=True, exist_ok=True); o.write_text("{}")
 """
@@ -183,7 +189,7 @@ def done_repo(tmp_path_factory):
     return repo
 
 
-ORDER = ["acquire", "encode", "refstats", "features", "train", "sample", "fid", "tables"]
+ORDER = ["acquire", "encode", "refstats", "features", "train", "sample", "fid", "replicas", "tables"]
 
 
 def test_second_run_does_nothing(done_repo):
@@ -195,10 +201,13 @@ def test_every_job_wrote_its_log(done_repo):
     """Each rule's `log:` (logs/<tier>/<stage>[/<run>].log) exists after the run, and the tables job
     copied the others into results/<tier>/logs for the report."""
     P = config.load_params(done_repo / "params.yaml")
-    runs = plan.Plan(P, "tiny").runs
+    pl = plan.Plan(P, "tiny")
+    grouped = {i for _, ids in pl.groups.values() for i in ids}
+    assert pl.groups and grouped == set(pl.runs)   # tiny: every row is one job (group_replicas)
     logs = done_repo / "logs" / "tiny"
     want = {f"{s}.log" for s in ("acquire", "encode", "features", "tables")} | \
-        {f"{s}/{r}.log" for s in ("train", "sample", "fid") for r in runs}
+        {f"{s}/{r}.log" for s in ("train", "sample", "fid") for r in pl.runs if r not in grouped} | \
+        {f"replicas/{first}.log" for first in pl.groups}
     assert {str(f.relative_to(logs)) for f in logs.rglob("*.log")} == want
     copied = {f.name for f in (done_repo / "results" / "tiny" / "logs").glob("*.log")}
     assert copied == {w.replace("/", "_") for w in want} - {"tables.log"}
@@ -207,8 +216,10 @@ def test_every_job_wrote_its_log(done_repo):
 def test_one_value_change_reruns_one_chain(done_repo):
     p = done_repo / "params.yaml"
     p.write_text(p.read_text().replace("p_1p5: {meanflow: {p: 1.5}}", "p_1p5: {meanflow: {p: 1.6}}"))
-    rules = [r for r, _, _ in dry_jobs(done_repo, "tiny")]
-    assert sorted(rules) == ["fid", "sample", "tables", "train"]
+    jobs = dry_jobs(done_repo, "tiny")
+    rules = sorted(r for r, _, _ in jobs)
+    assert len(rules) == 2 and rules[0].startswith("replicas_") and rules[1] == "tables"   # one row's job (3 seeds)
+    assert "--experiment p_1p5 " in next(c for r, _, c in jobs if r == rules[0])
 
 
 def test_tables_rows_values_and_grids(params3, tmp_path, monkeypatch):

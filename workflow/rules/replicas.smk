@@ -4,7 +4,7 @@
 for first, (exp, ids) in PLAN.groups.items():
     rule:
         name: "replicas_" + first.replace("-", "_")
-        input: str(D.store_manifest), CODE["replicas"]
+        input: str(D.store_manifest), FID_REF, CODE["replicas"]
         output:
             [str(PLAN.run_paths(i).ema) for i in ids],
             [str(PLAN.run_paths(i).train_manifest) for i in ids],

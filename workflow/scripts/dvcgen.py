@@ -58,9 +58,10 @@ def generate(params: dict, tiers: list[str] | None = None) -> dict:
         data_stage("encode", [str(d.index)], [d.store])
         ref = plan.fid_reference()
         data_stage("refstats" if ref == d.refstats else "features", [str(d.index)], [ref])
+        grouped = {rid for _, ids in plan.groups.values() for rid in ids}
         items = {stage_key(r.experiment, r.replicate): {"exp": r.experiment, "rep": mfplan.replicate_arg(r.replicate), "run": rid}
-                 for rid, r in plan.runs.items()}
-        assert len(items) == len(plan.runs), "two runs' experiments map to one DVC stage key"
+                 for rid, r in plan.runs.items() if rid not in grouped}
+        assert len(items) == len(plan.runs) - len(grouped), "two runs' experiments map to one DVC stage key"
         exp_params = ["defaults", f"tiers.{tier}", "experiments.${item.exp}"]
 
         # Every output is cached (none `cache: false`): an experiment's temp workspace and a fresh
@@ -69,9 +70,20 @@ def generate(params: dict, tiers: list[str] | None = None) -> dict:
             stages[f"{stage}-{tier}"] = {"foreach": items, "do": {
                 "cmd": stage_cmd(stage, tier, "${item.exp}${item.rep}", " --no-progress"),
                 "deps": [*deps, *code[stage]], "params": exp_params, "outs": [str(o) for o in outs]}}
-        run_stage("train", [str(d.store_manifest)], [rd.ema, rd.train_manifest, rd.dvclive])
-        run_stage("sample", [str(rd.ema)], [rd.samples(k) for k in plan.nfe])
-        run_stage("fid", [*(str(rd.samples(k)) for k in plan.nfe), str(ref)], [rd.metrics(k) for k in plan.nfe])
+        if items:
+            run_stage("train", [str(d.store_manifest)], [rd.ema, rd.train_manifest, rd.dvclive])
+            run_stage("sample", [str(rd.ema)], [rd.samples(k) for k in plan.nfe])
+            run_stage("fid", [*(str(rd.samples(k)) for k in plan.nfe), str(ref)], [rd.metrics(k) for k in plan.nfe])
+        # train.group_replicas: a row's replicas in one stage, as rules/replicas.smk (R varies per row:
+        # one stage each, not a foreach)
+        for exp, ids in plan.groups.values():
+            ps = [plan.run_paths(i) for i in ids]
+            stages[f"replicas-{stage_key(exp)}-{tier}"] = {
+                "cmd": stage_cmd("replicas", tier, exp, " --no-progress"),
+                "deps": [str(d.store_manifest), str(ref), *code["replicas"]],
+                "params": ["defaults", f"tiers.{tier}", f"experiments.{exp}"],
+                "outs": [str(o) for p in ps for o in (p.ema, p.train_manifest, p.dvclive, *(p.samples(k) for k in plan.nfe),
+                                                         *(p.metrics(k) for k in plan.nfe))]}
         stages[f"tables-{tier}"] = {
             "cmd": stage_cmd("tables", tier),
             "deps": [*(str(plan.run_paths(rid).metrics(k)) for rid in plan.runs for k in plan.nfe), *code["tables"],

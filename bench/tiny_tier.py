@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from meanflow import layout  # noqa: E402
 
 BIN = Path(sys.executable).parent
-STAGES = ("train", "sample", "fid", "tables")
+STAGES = ("replicas", "train", "sample", "fid", "tables")
 
 
 def start_cost(stage: str, repeat: int = 3) -> float:

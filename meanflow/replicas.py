@@ -59,12 +59,18 @@ def train_replicas(cfgs: list, progress: bool = True) -> list[Path]:
     return [layout.run(c).train_manifest for c in cfgs]
 
 
-def evaluate_replicas(cfgs: list, progress: bool = True) -> None:
-    """Samples (every NFE) and metrics of every replica, each resumable as the stages are."""
+def evaluate_replicas(cfgs: list, progress: bool = True) -> tuple[float, float]:
+    """Samples (every NFE) and metrics of every replica, each resumable as the stages are; the
+    seconds spent sampling and scoring."""
     from . import generate, metrics
+    ts = [0.0, 0.0]
     for c in cfgs:
+        t0 = time.perf_counter()
         generate.generate(c, None, 0, 1, progress=progress)
+        t1 = time.perf_counter()
         metrics.evaluate_all(c, None, False, None, progress=progress)
+        ts[0], ts[1] = ts[0] + t1 - t0, ts[1] + time.perf_counter() - t1
+    return ts[0], ts[1]
 
 
 class StackedTrainer:
@@ -176,7 +182,9 @@ class StackedTrainer:
 
 def run_row(cfgs: list, progress: bool = True) -> None:
     """Train, sample and score every replica of one row (stages.replicas)."""
-    t0 = time.time()
+    t0 = time.perf_counter()
     train_replicas(cfgs, progress)
-    evaluate_replicas(cfgs, progress)
-    log.info("%d replicas of %s done in %.1f s", len(cfgs), cfgs[0].experiment or cfgs[0].tier, time.time() - t0)
+    t1 = time.perf_counter()
+    sample_s, fid_s = evaluate_replicas(cfgs, progress)
+    log.info("%d replicas of %s done in %.1f s: train %.1f s, sample %.1f s, fid %.1f s", len(cfgs),
+             cfgs[0].experiment or cfgs[0].tier, time.perf_counter() - t0, t1 - t0, sample_s, fid_s)

@@ -71,9 +71,13 @@ class Preempted(Exception):
 
 
 def make_optimizer(net: nn.Module, train_cfg) -> torch.optim.Optimizer:
-    """Adam(W) with the paper's betas (0.9, 0.95), no weight decay, constant lr."""
-    return torch.optim.AdamW(net.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.betas),
-                             weight_decay=train_cfg.weight_decay)
+    """Adam(W) with the paper's betas (0.9, 0.95), no weight decay, constant lr. The fused kernel
+    (CPU and CUDA): one kernel per parameter instead of a dozen ops, a fifth of a tiny-tier step;
+    the same update up to float rounding."""
+    params = list(net.parameters())
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.betas),
+                             weight_decay=train_cfg.weight_decay, fused=fused)
 
 
 class EMA:

@@ -242,6 +242,16 @@ def data_cfg(root: Path, tier: str = "t", **data):
     return config.build({"data": d}, tier=tier)
 
 
+def digits_store(root: Path, flip: bool) -> Path:
+    """An 8x8 digits pixel store (sklearn's, no download) under root, as the tiny tier encodes it."""
+    from meanflow.data import acquire, encode
+    cfg = data_cfg(root, dataset="digits", resolution=8, channels=1, input_size=8, num_classes=10, vae=None,
+                   flip=flip, splits=["train"], shard_size=1000)
+    acquire(cfg)
+    encode(cfg)
+    return root
+
+
 def tree_bytes(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
 

@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from data_fakes import data_cfg
+from data_fakes import digits_store
 from meanflow import config, training
-from meanflow.data import acquire, encode
 from meanflow.data.augment import AUGMENT_DIM, augment
 from meanflow.lr import lr_at, total_steps
 
@@ -84,12 +83,7 @@ def test_epochs_give_floor_of_store_over_batch_steps():
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("aug_data")
-    cfg = data_cfg(root, dataset="digits", resolution=8, channels=1, input_size=8, num_classes=10, vae=None,
-                   flip=True, splits=["train"], shard_size=1000)
-    acquire(cfg)
-    encode(cfg)
-    return root
+    return digits_store(tmp_path_factory.mktemp("aug_data"), flip=True)
 
 
 def unet_cfg(data_root, runs_root, **train):

@@ -67,6 +67,8 @@ def make_repo(dst: Path, rows: list[str]) -> Path:
         (dst / "stages" / f"{s}.py").write_text(f"STAGE = {s!r}\n" + FAKE)
     p = dst / "params.yaml"
     text = re.sub(r"\n    tiny: \[1a.*\n", "\n    tiny: [1e]\n", p.read_text())
+    text = text.replace(", replicates: 3, group_replicas: true}", "}")   # one run per row: DVC's plumbing, not seeds
+    assert "group_replicas: true" not in text
     p.write_text(re.sub(r"\n    1e: \[.*\n", f"\n    1e: [{', '.join(rows)}]\n", text))
     sh(sys.executable, "workflow/scripts/dvcgen.py", cwd=dst)
     sh("git", "init", "-q", cwd=dst)

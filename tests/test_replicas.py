@@ -10,9 +10,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from data_fakes import data_cfg
+from data_fakes import digits_store
 from meanflow import config, layout, plan, replicas, training
-from meanflow.data import acquire, encode
 from meanflow.models.dit import DiT
 from meanflow.models.tangent import StackedDiT, dit_jvp
 
@@ -73,12 +72,7 @@ def test_stacked_pass_equals_each_dit(dtype):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("replica_data")
-    cfg = data_cfg(root, dataset="digits", resolution=8, channels=1, input_size=8, num_classes=10, vae=None,
-                   flip=False, splits=["train"], shard_size=1000)
-    acquire(cfg)
-    encode(cfg)
-    return root
+    return digits_store(tmp_path_factory.mktemp("replica_data"), flip=False)
 
 
 def params(path: Path, data_root: Path, runs: Path, **meanflow) -> Path:

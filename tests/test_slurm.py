@@ -36,7 +36,7 @@ def test_profile_dry_run_imagenet():
 
 
 def test_rules_launch_torchrun_per_gpu_and_srun_across_nodes():
-    """The train/sample commands follow the job's resources: python on tiny (CPU), torchrun with
+    """The train/sample commands follow the job's resources: python on tiny (CPU; stages.replicas), torchrun with
     one worker per GPU on one node, and srun + torchrun (c10d rendezvous) across nodes."""
     def shell_commands(*args):
         r = _snakemake("-n", "-p", "--profile", str(PROFILE), *args, cwd=ROOT, timeout=300)
@@ -46,7 +46,7 @@ def test_rules_launch_torchrun_per_gpu_and_srun_across_nodes():
         return [l for l in lines if "-m stages." in l]
 
     tiny = shell_commands("--config", "tier=tiny")
-    assert any(l.startswith("python -m stages.train") for l in tiny), tiny[:5]
+    assert any(l.startswith("python -m stages.replicas") for l in tiny), tiny[:5]   # a row's seeds in one job
     one = shell_commands("--config", "tier=imagenet", "--set-resources", "train:gpu=8", "train:tasks_per_gpu=0")
     assert any("torchrun --standalone --nproc-per-node=8 -m stages.train" in l for l in one), one[:5]
     assert any("torchrun --standalone --nproc-per-node=1 -m stages.sample" in l for l in one), one[:5]

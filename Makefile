@@ -43,6 +43,6 @@ record: ## dvc.lock <- the hashes of what Snakemake produced for TIER (nothing r
 	$(VENV)/bin/dvc commit --force --with-deps --quiet tables-$(TIER)
 	$(VENV)/bin/dvc status --with-deps tables-$(TIER)
 
-# e.g. make exp SET='experiments.p_1p5.meanflow.p=1.2' [EXP_ARGS=--queue]
-exp: ## an ablation as a DVC experiment (SET='key=value ...', EXP_ARGS=--queue)
+# e.g. make exp SET='tiers.tiny.train.replicates=5' [EXP_ARGS=--queue]; a value alone: dvc exp run -S
+exp: ## a DVC experiment that changes the set of runs, regenerating dvc.yaml (SET='key=value ...', EXP_ARGS=--queue)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) workflow/scripts/exp.py --tier $(TIER) $(foreach s,$(SET),-S '$(s)') $(EXP_ARGS)

@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meanflow import manifest, tables
+from meanflow import layout, manifest, tables
 from meanflow.bundle import BUNDLE_META
 from meanflow.metrics import uncertainty
 
@@ -90,6 +90,17 @@ def _unpack(bundle: Path, into: Path) -> Path:
     return into
 
 
+def _used(root: Path, tier: str, name: str, runs: dict) -> bool:
+    """Whether runs/<tier>/<name> holds a run the tables read (the tables name run ids; a run
+    directory is named by its experiment row, its train manifest holds the run id)."""
+    if (tier, name) in runs:
+        return True
+    try:
+        return (tier, json.loads((root / "runs" / tier / name / layout.TRAIN_MANIFEST).read_text())["run_id"]) in runs
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def load(path: str | Path, name: str | None = None, workdir: Path | None = None) -> ResultSet:
     """Read a result set from a directory or a bundle (.tar.gz)."""
     path = Path(path)
@@ -123,7 +134,8 @@ def load(path: str | Path, name: str | None = None, workdir: Path | None = None)
         parts = rel.split("/")
         if parts[0] not in ("results", "runs", "data"):
             continue
-        if parts[0] == "runs" and len(parts) >= 4 and (parts[1], parts[2]) not in rs.runs:
+        if parts[0] == "runs" and len(parts) >= 4 and (not _used(root, parts[1], parts[2], rs.runs)
+                                                       or parts[3] == layout.SUPERSEDED):
             if f"runs/{parts[1]}/{parts[2]}" not in rs.ignored:
                 rs.ignored.append(f"runs/{parts[1]}/{parts[2]}")
             continue

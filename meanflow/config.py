@@ -21,6 +21,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from meanflow import layout
+
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = ROOT / "workflow" / "schemas" / "params.schema.yaml"
 PARAMS_PATH = ROOT / "params.yaml"
@@ -120,6 +122,10 @@ class Config:
     train: Any
     sample: Any
     raw: dict = dataclasses.field(repr=False, compare=False, hash=False)
+    # the run directory's name: an experiment row's (and replica's) name for the plan's runs, so a
+    # value changed by `dvc exp run -S` keeps the row's paths; None (hand-made configs, a CLI
+    # override that changes the run): the run id
+    name: str | None = dataclasses.field(default=None, compare=False)
 
     @property
     def params_hash(self) -> str:
@@ -142,8 +148,8 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        """runs/<tier>/<run_id>: checkpoints, final EMA weights, samples and metrics of one run."""
-        return Path(self.raw["train"].get("runs_root", "runs")) / self.tier / self.run_id
+        """runs/<tier>/<name or run_id>: checkpoints, final EMA weights, samples and metrics of one run."""
+        return Path(self.raw["train"].get("runs_root", "runs")) / self.tier / (self.name or self.run_id)
 
 
 def _hashed(raw: dict) -> dict:
@@ -170,8 +176,10 @@ def deep_merge(base: dict, over: dict | None) -> dict:
     return out
 
 
-def build(raw: dict, tier: str = "custom", experiment: str | None = None, where: str = "config") -> Config:
-    """Validate a (partial) config dict, fill defaults and return the typed Config."""
+def build(raw: dict, tier: str = "custom", experiment: str | None = None, where: str = "config",
+          name: str | None = None) -> Config:
+    """Validate a (partial) config dict, fill defaults and return the typed Config (`name`: its run
+    directory's, default the run id)."""
     raw = copy.deepcopy(raw or {})
     _validate(raw, {"$ref": "#/$defs/config"}, where)
     classes = section_classes()
@@ -181,7 +189,7 @@ def build(raw: dict, tier: str = "custom", experiment: str | None = None, where:
     if not raw["meanflow"]["t_start"] <= raw["meanflow"]["t_end"]:
         raise ConfigError(f"{where}: meanflow.t_start ({raw['meanflow']['t_start']}) > meanflow.t_end ({raw['meanflow']['t_end']})")
     _check_shapes(raw, where)
-    return Config(tier=tier, experiment=experiment, raw=raw, **sections)
+    return Config(tier=tier, experiment=experiment, raw=raw, name=name, **sections)
 
 
 def _check_shapes(raw: dict, where: str) -> None:
@@ -237,7 +245,7 @@ def resolve(params: dict, tier: str | None = None, experiment: str | None = None
         per_tier = (exp.pop("tiers", None) or {}).get(tier)   # an experiment's own tier adjustments, applied last
         raw = deep_merge(deep_merge(raw, exp), per_tier)
     label = f"{where} [tier {tier}" + (f", experiment {experiment}]" if experiment else "]")
-    return build(raw, tier, experiment, label)
+    return build(raw, tier, experiment, label, name=layout.run_name(experiment))
 
 
 def load(path: str | Path = PARAMS_PATH, tier: str | None = None, experiment: str | None = None) -> Config:

@@ -4,6 +4,7 @@ paths from here (a rule pattern is the same layout with wildcards for tier and r
 the Snakefile imports this module."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -12,6 +13,7 @@ STORE_MANIFEST = "manifest.json"
 REFSTATS = "refstats.npz"
 FEATURE_NET = "feature_net.safetensors"   # the tiny tier's digits classifier (sample.features = digits)
 EMA, TRAIN_MANIFEST, CKPT_DIR, DVCLIVE = "ema.safetensors", "train_manifest.json", "checkpoints", "dvclive"
+SUPERSEDED = "superseded"   # runs/<tier>/<run>/superseded/<run id>/: the run a row held before its values changed
 SAMPLES, METRICS = "samples_nfe{}", "metrics_nfe{}.json"
 STORE_SHARD, SAMPLE_SHARD, GRID = "shard-{:05d}.npy", "shard-{:05d}.npz", "grid.png"   # inside store/, samples_nfe{k}/
 TABLE_EXTS = ("md", "csv", "tex")
@@ -94,6 +96,15 @@ def data(cfg_or_tier, root: str | Path = "data") -> DataPaths:
     if isinstance(cfg_or_tier, str):
         return DataPaths.at(Path(root) / cfg_or_tier)
     return DataPaths.at(Path(cfg_or_tier.data.root) / cfg_or_tier.tier)
+
+
+def run_name(experiment: str | None, replicate: int = 0) -> str:
+    """The directory (and DVC stage key) of an experiment row's run: runs/<tier>/<name>. Named by
+    the row, not by the run id (a hash of the config), so a value changed with `dvc exp run -S`
+    leaves every path and stage name as it was; the run id is in the run's manifests. "base" is the
+    tier's config without an experiment; replica i > 0 adds -seed<i>."""
+    base = re.sub(r"[^A-Za-z0-9_.+-]", "_", experiment) if experiment is not None else "base"
+    return base + (f"-seed{replicate}" if replicate else "")
 
 
 def run(cfg_or_dir) -> RunPaths:

@@ -1,8 +1,9 @@
 """The run plan of a tier: params.yaml's `tables` section turned into rows (table, row,
-experiment, nfe) and the distinct runs they read, each carrying its resolved `Config`, plus what
-the workflow needs to run them (stage code deps, resources, launchers, trigger hashes). The
-Snakefile, the dvc.yaml generator and the tables stage all read this one plan, so they cannot
-disagree, and nothing resolves params a second time.
+experiment, nfe) and the runs they read (one per experiment and replica, in runs/<tier>/<name>; a
+configuration two rows share is computed once, see meanflow.reuse), each carrying its resolved
+`Config`, plus what the workflow needs to run them (stage code deps, resources, launchers, trigger
+hashes). The Snakefile, the dvc.yaml generator and the tables stage all read this one plan, so
+they cannot disagree, and nothing resolves params a second time.
 
 Replicates: `train.replicates: R` (in a tier, or an experiment's override) makes each row read R
 runs that differ only in `train.seed + i` and `sample.seed + i` (i = 0..R-1), each with its own
@@ -50,11 +51,15 @@ class Row:
 
 @dataclass(frozen=True)
 class Run:
-    """One distinct training configuration; `experiment` is the first row's that resolves to it."""
+    """One experiment row's run (replica `replicate`), in runs/<tier>/<name>; `source` is the name
+    of the plan's first run of the very same configuration (meanflow.reuse copies its outputs), or
+    None when this run is that first one."""
+    name: str
     run_id: str
     experiment: str
     cfg: config.Config = field(repr=False)
     replicate: int = 0
+    source: str | None = None
 
     @property
     def run_dir(self) -> str:
@@ -88,7 +93,8 @@ def replica(cfg: config.Config, i: int) -> config.Config:
     if i:
         raw["train"]["seed"] += i
         raw["sample"]["seed"] += i
-    return config.build(raw, cfg.tier, cfg.experiment, where=f"{cfg.experiment or cfg.tier} replicate {i}")
+    return config.build(raw, cfg.tier, cfg.experiment, where=f"{cfg.experiment or cfg.tier} replicate {i}",
+                        name=layout.run_name(cfg.experiment, i) if cfg.name else None)
 
 
 def replicate_arg(i: int) -> str:
@@ -102,7 +108,7 @@ def experiment_name(row: str) -> str:
 
 
 class Plan:
-    """Rows and runs of `tier`: plan = Plan(params, tier); plan.rows, plan.runs (run_id -> Run),
+    """Rows and runs of `tier`: plan = Plan(params, tier); plan.rows, plan.runs (run name -> Run),
     plan.base (the tier's config without an experiment), plan.tables (the table names), plan.paper
     (the published-results CSVs). `tables` builds those tables instead of the tier's list
     (`make run-imf`: imf1); plan.subset is that list, else None."""
@@ -117,8 +123,8 @@ class Plan:
         self.paper = [paper] if isinstance(paper, str) else list(paper)   # one CSV or several (MeanFlow's, iMF's)
         cache: dict[str, config.Config] = {}
         self.rows: list[Row] = []
-        # train.group_replicas: replica 0's run id -> (experiment, every replica's run id), one job each
-        # (stages.replicas) instead of train/sample/fid per replica
+        # train.group_replicas: replica 0's run name -> (experiment, every replica's run name), one job
+        # each (stages.replicas) instead of train/sample/fid per replica
         self.groups: dict[str, tuple[str, list[str]]] = {}
         for table in self.tables:
             if table not in t.get("rows", {}):
@@ -131,14 +137,18 @@ class Plan:
                     full = config.resolve(params, tier, exp, where=where)
                     cache[exp] = tuple(replica(full, i) for i in range(replicates(full)))
                     if full.raw["train"].get("group_replicas") and len(cache[exp]) > 1:
-                        self.groups.setdefault(cache[exp][0].run_id, (exp, [c.run_id for c in cache[exp]]))
+                        self.groups[cache[exp][0].name] = (exp, [c.name for c in cache[exp]])
                 reps = cache[exp]
                 cfg = reps[0]
                 self.rows.append(Row(str(table), item["row"], exp, nfe, cfg.run_id, str(cfg.run_dir), cfg, reps))
+        # every experiment row's replicas, by run name; a configuration seen before has that run as source
         self.runs: dict[str, Run] = {}
+        first: dict[str, str] = {}
         for r in self.rows:
             for i, c in enumerate(r.replicas):
-                self.runs.setdefault(c.run_id, Run(c.run_id, r.experiment, c, i))
+                if c.name not in self.runs:
+                    src = first.setdefault(c.params_hash, c.name)
+                    self.runs[c.name] = Run(c.name, c.run_id, r.experiment, c, i, None if src == c.name else src)
 
     @property
     def nfe(self) -> list[int]:
@@ -155,6 +165,19 @@ class Plan:
     def run_paths(self, run: str = "{run}") -> layout.RunPaths:
         """A run's layout under this tier (default: the Snakemake pattern with the {run} wildcard)."""
         return layout.run(Path(self.base.raw["train"].get("runs_root", "runs")) / self.tier / run)
+
+    def outputs(self, run: str, stage: str) -> list[Path]:
+        """A run's outputs of stage train, sample or fid (the Snakemake rules' and dvc.yaml's)."""
+        p = self.run_paths(run)
+        return {"train": [p.ema, p.train_manifest, p.dvclive], "sample": [p.samples(k) for k in self.nfe],
+                "fid": [p.metrics(k) for k in self.nfe]}[stage]
+
+    def after(self, runs: str | list[str], stages=("train", "sample", "fid")) -> list[str]:
+        """What the jobs of `runs` wait for: their sources' outputs of `stages` (meanflow.reuse copies
+        them), none for runs without a source."""
+        srcs = [self.runs[r].source for r in ([runs] if isinstance(runs, str) else runs)]
+        return [str(o) for s in srcs if s for st in ([stages] if isinstance(stages, str) else stages)
+                for o in self.outputs(s, st)]
 
     def data_hash(self) -> str:
         """Changes when the tier's data section changes (the data rules' params trigger)."""
@@ -173,12 +196,13 @@ class Plan:
 
 
 def rows(params: dict, tier: str, tables: list[str] | None = None) -> list[Row]:
-    """Every table row the tier builds (or of `tables`), resolved to its run (identical configs share a run_id)."""
+    """Every table row the tier builds (or of `tables`), resolved to its runs."""
     return Plan(params, tier, tables=tables).rows
 
 
 # Source files each stage runs: Snakemake inputs and DVC deps (a code change reruns what it affects).
 # manifest.py is in each: it writes every manifest and does the atomic writes; layout.py names the paths.
+# Not reuse.py: it decides whether a stage copies an identical run or computes it, not what it writes.
 _COMMON = ["stages/__init__.py", "meanflow/manifest.py", "meanflow/layout.py"]
 CODE = {
     "acquire": ["stages/acquire.py", *_COMMON, "meanflow/config.py", "meanflow/data/*.py"],
@@ -207,6 +231,9 @@ def resources(tier: str) -> dict[str, dict]:
     hours = {"train": 48, "sample": 6, "fid": 2}
     return {s: dict(gpu=int(gpu), cpus_per_gpu=8 if gpu else 0, runtime=h * 60 if gpu else 30,
                     mem_mb=(64000 if s == "train" else 32000) if gpu else 2000) for s, h in hours.items()}
+
+
+COPY = dict(gpu=0, cpus_per_gpu=0, runtime=30, mem_mb=2000)   # a run copying its source's outputs (meanflow.reuse)
 
 
 def launcher(stage: str, tier: str) -> str:

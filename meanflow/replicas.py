@@ -23,7 +23,7 @@ import torch
 from . import layout
 from .distributed import init_distributed
 from .lr import lr_at
-from .training import EMA, Preempted, Trainer, _StopFlag, make_optimizer, step, train
+from .training import EMA, Preempted, Trainer, _StopFlag, make_optimizer, step, train, trained
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def why_not_stacked(cfg, world: int = 1) -> str | None:
 
 def train_replicas(cfgs: list, progress: bool = True) -> list[Path]:
     """Train every replica config of one row (replica 0 first); their train manifests."""
-    todo = [c for c in cfgs if not (layout.run(c).train_manifest.exists() and layout.run(c).ema.exists())]
+    todo = [c for c in cfgs if not trained(c)]
     env = init_distributed(cfgs[0].train.device, RuntimeError)
     reason = "one replica" if len(todo) < 2 else why_not_stacked(todo[0], env.world)
     if reason is None:

@@ -38,7 +38,8 @@ from torch import nn
 
 from . import layout
 from .batches import EpochSampler, Rows, load_rows
-from .checkpoint import CheckpointError, checkpoints, resume_latest, save_checkpoint, save_final_ema, tmp_leftovers
+from .checkpoint import (CheckpointError, checkpoints, resume_latest, run_of, save_checkpoint, save_final_ema, set_aside,
+                         tmp_leftovers)
 from .distributed import Dist, GradAverager, init_distributed
 from .lr import lr_at, total_steps
 from .runtime import autocast, seed_of
@@ -176,13 +177,18 @@ def _open_live(directory: Path, step: int):
 
 
 # --------------------------------------------------------------------------- the train stage
+def trained(cfg) -> bool:
+    """cfg's run is complete in cfg.run_dir (its EMA weights and a train manifest of this run id)."""
+    rp = layout.run(cfg)
+    return rp.ema.exists() and run_of(rp.root) == cfg.run_id and rp.train_manifest.exists()
+
+
 def train(cfg, progress: bool = True) -> Path:
     """Train cfg's run (cfg.run_dir) to cfg.train.steps, resuming from its latest checkpoint.
     Returns the train manifest path. Raises Preempted on SIGTERM/SIGUSR1 (after a checkpoint),
     NonFiniteLoss on a NaN/inf loss (no checkpoint written)."""
-    rp = layout.run(cfg)
-    done = rp.train_manifest
-    if done.exists() and rp.ema.exists():
+    done = layout.run(cfg).train_manifest
+    if trained(cfg):
         log.info("%s exists: run %s already trained", done, cfg.run_id)
         return done
     env = init_distributed(cfg.train.device, TrainError)
@@ -272,6 +278,9 @@ class Trainer:
         return path
 
     def resume(self) -> int:
+        if self.env.main:  # another config's run in this row's directory: out of the way, not resumed
+            set_aside(self.run_dir, self.cfg.run_id)
+        self.env.barrier()
         ck = checkpoints(self.run_dir)
         if self.env.main:  # leftovers of a run killed while writing
             tmp_leftovers(self.run_dir)

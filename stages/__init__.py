@@ -3,6 +3,7 @@ the --params/--tier/--experiment options, logging, and the error guard: the libr
 name the file, key or value at fault) and any unexpected exception alike end as one `error:` line
 with the stage's error exit code; the traceback only under --debug or MEANFLOW_DEBUG=1."""
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -51,7 +52,9 @@ def load(args, where: str = "", **sections) -> config.Config:
     over = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in sections.items()}
     if not any(over.values()):
         return cfg
-    return config.build(config.deep_merge(cfg.raw, over), cfg.tier, cfg.experiment, where=f"{args.params} with {where}")
+    new = config.build(config.deep_merge(cfg.raw, over), cfg.tier, cfg.experiment, where=f"{args.params} with {where}")
+    # an override that changes the run (e.g. --steps) gets its own directory, named by its run id
+    return dataclasses.replace(new, name=cfg.name) if new.run_id == cfg.run_id else new
 
 
 EXPERIMENT = "named experiment of the file's `experiments` (default: the tier's base config)"

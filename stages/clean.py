@@ -1,6 +1,7 @@
 """List (default) or delete (--delete) the run directories under <runs_root>/<tier>/ that no table row
-of the tier's plan reads any more, e.g. after an ablation was edited (its run id changed). Also
-their logs under logs/<tier>/. Nothing is deleted without --delete.
+of the tier's plan reads any more (e.g. after an experiment was renamed or removed; their logs
+under logs/<tier>/ too), and the superseded/ runs inside the others: what a row held before its
+values changed (meanflow.checkpoint.set_aside). Nothing is deleted without --delete.
 
     python -m stages.clean [--tier tiny] [--delete]"""
 import shutil
@@ -12,11 +13,14 @@ from stages import parser, run
 
 
 def unreferenced(params: dict, tier: str) -> list[Path]:
-    """Run directories of `tier` that are not one of the plan's runs."""
+    """Run directories of `tier` that are not one of the plan's runs, and superseded runs in those that are."""
     plan = Plan(params, tier)
     root = Path(plan.base.raw["train"]["runs_root"]) / tier
     keep = {Path(r.run_dir).name for r in plan.runs.values()}
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name not in keep) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    old = [p for p in root.iterdir() if p.is_dir() and p.name not in keep]
+    return sorted(old + [s for p in root.iterdir() if p.name in keep for s in (p / layout.SUPERSEDED).glob("*")])
 
 
 def main(argv=None):
@@ -29,7 +33,7 @@ def main(argv=None):
         tier = args.tier or params["tier"]
         stale = unreferenced(params, tier)
         for d in stale:
-            logs = [layout.log(tier, s, d.name) for s in ("train", "sample", "fid")]
+            logs = [layout.log(tier, s, d.name) for s in ("train", "sample", "fid")] if d.parent.name != layout.SUPERSEDED else []
             if args.delete:
                 shutil.rmtree(d)
                 for f in logs:

@@ -2,11 +2,12 @@
 allows it, else one by one), then sample and score each, writing exactly what stages.train,
 stages.sample and stages.fid write for each replica's run. Snakemake runs it for rows whose
 config has train.group_replicas (the tiny tier: the per-job start cost is paid once per row).
-Resumable: each replica's checkpoints, sample shards and metrics are its own.
+Resumable: each replica's checkpoints, sample shards and metrics are its own. A replica whose
+configuration an earlier row's run has (meanflow.reuse) copies that run's outputs instead.
 
     python -m stages.replicas --tier tiny --experiment default"""
 
-from meanflow import config, data, generate, metrics, plan, replicas, training
+from meanflow import config, data, generate, metrics, plan, replicas, reuse, training
 from stages import EXPERIMENT, parser, run
 
 
@@ -18,7 +19,9 @@ def main(argv=None):
     def row():
         full = config.load(args.params, tier=args.tier, experiment=args.experiment)
         cfgs = [plan.replica(full, i) for i in range(plan.replicates(full))]
-        replicas.run_row(cfgs, progress=not args.no_progress)
+        todo = [c for c in cfgs if reuse.adopt(c, args.params) != set(reuse.STAGES)]
+        if todo:
+            replicas.run_row(todo, progress=not args.no_progress)
     run(p, row, data.DataError, training.TrainError, generate.SampleError, metrics.MetricError)
 
 

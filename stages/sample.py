@@ -12,7 +12,7 @@ Splitting: --shard i --num-shards n on each job (e.g. a SLURM array), and/or tor
 to finish writes the manifest."""
 from pathlib import Path
 
-from meanflow import config, generate
+from meanflow import config, generate, layout, reuse
 from meanflow.data import DataError
 from stages import EXPERIMENT, load, parser, run
 
@@ -56,7 +56,10 @@ def main(argv=None):
         if g:   # replaces sample.guidance whole: an NFE's own entry would otherwise win over "all"
             raw = config.deep_merge(cfg.raw, {})
             raw["sample"]["guidance"] = {"all": g}
-            cfg = config.build(raw, cfg.tier, cfg.experiment, where=f"{args.params} with --omega/--t-min/--t-max {g}")
+            cfg = config.build(raw, cfg.tier, cfg.experiment, where=f"{args.params} with --omega/--t-min/--t-max {g}",
+                               name=cfg.name)   # sampling settings: the same run
+        if args.out is None and args.num_shards == 1 and not nfe and reuse.adopt(cfg, args.params, ("sample",)):
+            return [layout.run(cfg).samples(k) / "manifest.json" for k in cfg.sample.nfe]   # an earlier row's, copied
         return generate.generate(cfg, nfe or None, args.shard, args.num_shards, progress=not args.no_progress, root=args.out)
     run(p, sample, DataError, generate.SampleError, ValueError)
 

@@ -1,12 +1,13 @@
 """Train one run (a tier, optionally a named experiment) on the tier's encoded store. Resumes from
-the run's latest checkpoint; writes runs/<tier>/<run_id>/{checkpoints/, dvclive/, ema.safetensors,
-train_manifest.json}. Multi-GPU: torchrun --nproc-per-node N -m stages.train ...
+the run's latest checkpoint; writes runs/<tier>/<run>/{checkpoints/, dvclive/, ema.safetensors,
+train_manifest.json} (<run>: the experiment row's name, -seed<i> for replica i). An earlier row's
+finished run of the very same configuration is copied instead (meanflow.reuse). Multi-GPU: torchrun --nproc-per-node N -m stages.train ...
 
 Exit codes: 0 done (or already done), 1 error (bad parameters, missing store, non-finite loss;
 the last good checkpoint is kept), 75 pre-empted (SIGTERM or SIGUSR1: a checkpoint was written at
 the end of the current step; run the same command again to resume, e.g. on SLURM requeue)."""
 
-from meanflow import data, training
+from meanflow import data, layout, reuse, training
 from stages import EXPERIMENT, load, parser, run
 
 
@@ -18,6 +19,8 @@ def main(argv=None):
 
     def train():
         cfg = load(args, f"--steps {args.steps}", train={"steps": args.steps})
+        if reuse.adopt(cfg, args.params, ("train",)):
+            return layout.run(cfg).train_manifest
         return training.train(cfg, progress=not args.no_progress)
     run(p, train, data.DataError, training.TrainError)  # Preempted: its exit_code (75 or 130)
 

@@ -23,10 +23,10 @@ COPY = ["Snakefile", "workflow", "meanflow", "stages", "params.yaml", "reference
         ".gitignore"]
 STAGES = ["acquire", "encode", "refstats", "features", "train", "sample", "fid", "tables"]
 FAKE = """import argparse, pathlib
-from meanflow import config, layout, tables
+from meanflow import config, layout, plan, tables
 p = argparse.ArgumentParser(); p.add_argument("--params"); p.add_argument("--tier"); p.add_argument("--experiment")
-p.add_argument("--no-progress", action="store_true"); a = p.parse_args()
-P = config.load_params(a.params); cfg = config.resolve(P, a.tier, a.experiment); d = layout.data(cfg)
+p.add_argument("--no-progress", action="store_true"); p.add_argument("--replicate", type=int, default=0); a = p.parse_args()
+P = config.load_params(a.params); cfg = plan.replica(config.resolve(P, a.tier, a.experiment), a.replicate); d = layout.data(cfg)
 r = layout.run(cfg); nfe = list(cfg.sample.nfe)
 outs = {"acquire": {d.index: "{}"}, "encode": {d.store_manifest: "{}"}, "features": {d.feature_net: "w"},
         "train": {r.ema: f"w {cfg.run_id}", r.train_manifest: "{}",
@@ -123,17 +123,19 @@ def ran(out: str) -> set[str]:
 
 @pytest.mark.slow
 def test_experiment_reruns_one_chain_and_records_metrics(tmp_path):
-    repo = make_repo(tmp_path / "src", ["p_0.0", "p_1.5"])
+    # v01 restates p_1.0's configuration: its run copies p_1p0's (meanflow.reuse), after it
+    repo = make_repo(tmp_path / "src", ["p_0.0", "p_1.0", "p_1.5", "{row: v01, experiment: tangent_v01}"])
     smk(repo)
     record(repo)
     sh("git", "add", "dvc.lock", cwd=repo)
     sh("git", "commit", "-q", "-m", "record tiny", cwd=repo)
     base = json.loads((repo / "results/tiny/fid.json").read_text())
-    assert base == {"1e": {"p_0.0": 1.0, "p_1.5": 16.0}}
-    r = sh("make", "-s", "exp", "SET=experiments.p_1p5.meanflow.p=1.2", "EXP_ARGS=-n e1", f"VENV={BIN.parent}",
-           f"PY={sys.executable}", cwd=repo)
-    assert ran(r.stdout) == {"train-tiny@p_1p5", "sample-tiny@p_1p5", "fid-tiny@p_1p5", "tables-tiny"}, r.stdout
-    assert json.loads((repo / "results/tiny/fid.json").read_text()) == {"1e": {"p_0.0": 1.0, "p_1.5": 13.0}}
+    assert base == {"1e": {"p_0.0": 1.0, "p_1.0": 11.0, "p_1.5": 16.0, "v01": 11.0}}
+    # plain `dvc exp run -S` on a value that changes a run (its run id): dvc.yaml stays current
+    r = sh("dvc", "exp", "run", "-n", "e1", "-S", "experiments.p_1p5.meanflow.p=1.2", cwd=repo)
+    assert ran(r.stdout) == {"train-p_1p5-tiny", "sample-p_1p5-tiny", "fid-p_1p5-tiny", "tables-tiny"}, r.stdout
+    assert json.loads((repo / "results/tiny/fid.json").read_text())["1e"] == {**base["1e"], "p_1.5": 13.0}
+    assert sh(sys.executable, "workflow/scripts/dvcgen.py", "--check", cwd=repo, check=False).returncode == 0
     show = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout)
     fids = [e["data"]["metrics"]["results/tiny/fid.json"]["data"]["1e"]["p_1.5"]
             for b in show for e in [b, *(x["revs"][0] for x in (b.get("experiments") or []))]
@@ -141,10 +143,10 @@ def test_experiment_reruns_one_chain_and_records_metrics(tmp_path):
     assert set(fids) == {13.0, 16.0}           # the baseline commit, the experiment (and the workspace)
     table = sh("dvc", "exp", "show", "--no-pager", "--only-changed", cwd=repo).stdout
     assert "p_1.5" in table
-    # queued: the workspace keeps its files; the temp workspace restores the inputs from the cache
-    sh("git", "checkout", "params.yaml", "dvc.yaml", "dvc.lock", cwd=repo)
-    sh("make", "-s", "exp", "SET=experiments.p_0p0.meanflow.p=0.1", "EXP_ARGS=--queue -n q1",
-       f"VENV={BIN.parent}", f"PY={sys.executable}", cwd=repo)
+    # queued, on the source of v01: both chains rerun (v01 now computes its own); the workspace
+    # keeps its files; the temp workspace restores the inputs from the cache
+    sh("git", "checkout", "params.yaml", "dvc.lock", cwd=repo)
+    sh("dvc", "exp", "run", "--queue", "-n", "q1", "-S", "experiments.p_1p0.meanflow.p=0.5", cwd=repo)
     assert not sh("git", "status", "--porcelain", "--untracked-files=no", cwd=repo).stdout.strip()
     sh("dvc", "queue", "start", "-j", "1", cwd=repo)
     for _ in range(240):
@@ -152,14 +154,15 @@ def test_experiment_reruns_one_chain_and_records_metrics(tmp_path):
             break
         time.sleep(1)
     logs = sh("dvc", "queue", "logs", "q1", cwd=repo).stdout
-    assert ran(logs) == {"train-tiny@p_0p0", "sample-tiny@p_0p0", "fid-tiny@p_0p0", "tables-tiny"}, logs
+    assert ran(logs) == {f"{s}-{n}-tiny" for s in ("train", "sample", "fid") for n in ("p_1p0", "tangent_v01")} \
+        | {"tables-tiny"}, logs
     # dvc.yaml lists only the recorded tier: `dvc metrics show` has the FIDs and nothing else
     metrics = sh("dvc", "metrics", "show", cwd=repo)
-    assert metrics.stdout.split("\n")[0].split() == ["Path", "1e.p_0.0", "1e.p_1.5"], metrics.stdout
+    assert metrics.stdout.split("\n")[0].split() == ["Path", "1e.p_0.0", "1e.p_1.0", "1e.p_1.5", "1e.v01"], metrics.stdout
     assert not metrics.stderr.strip(), metrics.stderr
     # apply the queued experiment (its outputs exist only in the cache): both tools up to date
     sh("dvc", "exp", "apply", "q1", cwd=repo)
-    assert json.loads((repo / "results/tiny/fid.json").read_text()) == {"1e": {"p_0.0": 2.0, "p_1.5": 16.0}}
+    assert json.loads((repo / "results/tiny/fid.json").read_text())["1e"] == {**base["1e"], "p_1.0": 6.0}
     smk(repo, "--touch")                          # re-stamp mtimes after DVC's checkout (docs/versioning.md)
     assert "Nothing to be done" in smk(repo, "-n").stdout
     assert status_clean(repo)[0], status_clean(repo)[1]
@@ -168,10 +171,17 @@ def test_experiment_reruns_one_chain_and_records_metrics(tmp_path):
     sh("dvc", "exp", "branch", "e1", "e1-branch", cwd=repo)
     sh("git", "checkout", "-q", "e1-branch", cwd=repo)
     sh("dvc", "checkout", "-q", cwd=repo)
-    assert json.loads((repo / "results/tiny/fid.json").read_text()) == {"1e": {"p_0.0": 1.0, "p_1.5": 13.0}}
+    assert json.loads((repo / "results/tiny/fid.json").read_text())["1e"] == {**base["1e"], "p_1.5": 13.0}
     smk(repo, "--touch")
     assert "Nothing to be done" in smk(repo, "-n").stdout
     assert status_clean(repo)[0], status_clean(repo)[1]
+    # a structural change (the set of runs: replicates, a key this params.yaml lacks: +) regenerates dvc.yaml: `make exp`
+    r = sh("make", "-s", "exp", "SET=+tiers.tiny.train.replicates=2", "EXP_ARGS=-n e2", f"VENV={BIN.parent}",
+           f"PY={sys.executable}", cwd=repo)
+    # (every stage: each depends on tiers.tiny, whose subtree DVC compares whole)
+    assert ran(r.stdout) >= {f"{s}-{n}-seed1-tiny" for s in ("train", "sample", "fid")
+                             for n in ("p_0p0", "p_1p0", "p_1p5", "tangent_v01")} | {"tables-tiny"}, r.stdout
+    assert "Ran experiment(s): e2" in r.stdout
 
 
 def test_params_survive_dvc_rewrite(tmp_path):

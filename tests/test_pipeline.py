@@ -141,9 +141,14 @@ def test_snakemake_and_dvc_agree(repo, tier):
 
 
 def test_imagenet_dry_run_lists_the_paper_dag(repo):
-    rules = [r for r, _, _ in dry_jobs(repo, "imagenet")]
+    jobs = dry_jobs(repo, "imagenet")
+    rules = [r for r, _, _ in jobs]
+    # one chain per experiment row (48), of which 41 distinct configurations (31 MF + 10 iMF) compute
+    # and 7 rows restating one of them copy it (meanflow.reuse): plain python, no GPU launcher
     assert {r: rules.count(r) for r in set(rules)} == {
-        "acquire": 1, "encode": 1, "refstats": 1, "train": 41, "sample": 41, "fid": 41, "tables": 1}   # 31 MF + 10 iMF
+        "acquire": 1, "encode": 1, "refstats": 1, "train": 48, "sample": 48, "fid": 48, "tables": 1}
+    trains = [c for r, _, c in jobs if r == "train"]
+    assert sum(c.startswith("torchrun") for c in trains) == 41 and sum(c.startswith("python") for c in trains) == 7
 
 
 # --------------------------------------------------------------------------- validation and reruns

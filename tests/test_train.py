@@ -137,7 +137,8 @@ def test_kill9_then_resume_is_bitwise_identical(data_root, reference, tmp_path):
     tsv = (rd / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").read_text().split()
     assert [int(s) for s in tsv[2::2]] == list(range(5, STEPS + 1, 5))
     m = yaml.safe_load((rd / "train_manifest.json").read_text())
-    assert m["steps"] == STEPS and m["run_id"] == rd.name and len(m["store"]["manifest_sha256"]) == 64
+    assert m["steps"] == STEPS and m["run_id"] == config.load(params).run_id and len(m["store"]["manifest_sha256"]) == 64
+    assert rd.name == "base"   # the tier's config without an experiment (layout.run_name)
 
 
 def test_sigterm_checkpoints_and_exits_75(data_root, reference, tmp_path):

@@ -1,6 +1,9 @@
 # Read + validate params.yaml before any job (an invalid value fails here, naming its key) and build
-# the tier's plan: one train/sample/fid chain per distinct run_id, however many rows share it.
+# the tier's plan: one train/sample/fid chain per experiment row's run (a configuration shared by
+# several rows is computed once: the others copy it, meanflow.reuse).
 # Every path comes from meanflow.layout (through the plan); {run} is the run wildcard.
+import re
+
 from meanflow import config as mfconfig, launch, layout, plan as mfplan
 
 CONFIG_KEYS = {"tier": "the tier to run (params.yaml's tiers)", "params": "the parameters file (default params.yaml)",
@@ -29,11 +32,16 @@ TABLE_OUTPUTS = [str(OUT.table(t, ext)) for t in TABLES for ext in layout.TABLE_
 # runs of grouped rows (train.group_replicas) come from rules/replicas.smk, not the per-run rules
 GROUPED = {i for _, ids in PLAN.groups.values() for i in ids}
 wildcard_constraints:
-    run="|".join(r for r in RUNS if r not in GROUPED) or "NONE",
+    run="|".join(re.escape(r) for r in RUNS if r not in GROUPED) or "NONE",
 
 CODE = {s: mfplan.code(s) for s in mfplan.CODE}
 DATA_HASH = PLAN.data_hash()
 # cluster resources (tiny: CPU-only). train/sample start through meanflow.launch: python, torchrun
 # --nproc-per-node=<gpu> on one node, srun + torchrun with resources nodes and gpus_per_node
 RES = mfplan.resources(TIER)
+
+
+def res(stage):
+    """The stage's resources per job: none to speak of for a run that copies its source's outputs."""
+    return {k: (lambda w, k=k: mfplan.COPY[k] if RUNS[w.run].source else RES[stage][k]) for k in RES[stage]}
 FID_REF = str(PLAN.fid_reference())   # refstats.npz, or the digits feature net on tiny

@@ -1,18 +1,18 @@
 # Sampling (every NFE of sample.nfe in one job) and FID per NFE.
 rule sample:
-    input: str(R.ema), CODE["sample"]
+    input: str(R.ema), CODE["sample"], src=lambda w: PLAN.after(w.run, "sample")
     output: [directory(str(R.samples(k))) for k in NFE]
     params: exp=lambda w: RUNS[w.run].experiment, rep=lambda w: REP[w.run], cfg=lambda w: RUNS[w.run].hash, launch=launch.from_resources
-    resources: **RES["sample"]
+    resources: **res("sample")
     log: str(layout.log(TIER, "sample", "{run}"))
     benchmark: str(layout.benchmark(TIER, "sample", "{run}"))
     shell: "{params.launch} -m stages.sample --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress > {log} 2>&1"
 
 rule fid:
-    input: [str(R.samples(k)) for k in NFE], FID_REF, CODE["fid"]
+    input: [str(R.samples(k)) for k in NFE], FID_REF, CODE["fid"], src=lambda w: PLAN.after(w.run, "fid")
     output: [str(R.metrics(k)) for k in NFE]
     params: exp=lambda w: RUNS[w.run].experiment, rep=lambda w: REP[w.run], cfg=lambda w: RUNS[w.run].hash
-    resources: **RES["fid"]
+    resources: **res("fid")
     log: str(layout.log(TIER, "fid", "{run}"))
     benchmark: str(layout.benchmark(TIER, "fid", "{run}"))
     shell: "python -m stages.fid --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress > {log} 2>&1"

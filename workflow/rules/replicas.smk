@@ -3,8 +3,8 @@
 # replica's run, which those per-run rules then leave alone (their {run} excludes these runs).
 for first, (exp, ids) in PLAN.groups.items():
     rule:
-        name: "replicas_" + first.replace("-", "_")
-        input: str(D.store_manifest), FID_REF, CODE["replicas"]
+        name: "replicas_" + re.sub(r"\W", "_", first)
+        input: str(D.store_manifest), FID_REF, CODE["replicas"], PLAN.after(ids)
         output:
             [str(PLAN.run_paths(i).ema) for i in ids],
             [str(PLAN.run_paths(i).train_manifest) for i in ids],

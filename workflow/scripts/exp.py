@@ -1,8 +1,8 @@
-"""A DVC experiment of one tier whose dvc.yaml follows the changed values:
-    python workflow/scripts/exp.py -S 'experiments.p_1p5.meanflow.p=1.2' [-S ...] [--queue] [-n NAME] [--tier tiny]
+"""A DVC experiment that changes the set of runs (tables rows, train.replicates, a new experiment),
+so dvc.yaml itself (plain `dvc exp run -S` suffices for any other value: docs/versioning.md):
+    python workflow/scripts/exp.py -S 'tiers.tiny.train.replicates=5' [-S ...] [--queue] [-n NAME] [--tier tiny]
 applies the -S overrides to params.yaml with DVC's own code (dvc.utils.hydra.apply_overrides, the
-path `dvc exp run -S` takes), regenerates dvc.yaml (a changed value can move a run to a new run id,
-so its paths), then runs `dvc exp run [--queue] tables-<tier>`, which records both files with the
+path `dvc exp run -S` takes), regenerates dvc.yaml (the stages of the new set of runs), then runs `dvc exp run [--queue] tables-<tier>`, which records both files with the
 experiment. With --queue the workspace's params.yaml and dvc.yaml are put back afterwards (the queued
 experiment keeps its own copies); run it with `dvc queue start`."""
 import argparse

@@ -135,7 +135,8 @@ class Config:
     def run_id(self) -> str:
         """Readable name plus a hash of everything that shapes the trained weights (data, model,
         meanflow, train), so identical configurations asked for by several table rows train once."""
-        key = {s: _hashed(self.raw)[s] for s in ("data", "model", "meanflow", "train")}
+        h = _hashed(self.raw)
+        key = {s: h[s] for s in ("data", "model", "meanflow", "train")}
         # where and how often a run is logged or saved does not change its weights
         key["train"] = {k: v for k, v in key["train"].items() if k not in RUN_NEUTRAL}
         for (sec, k), off in OFF_DEFAULTS.items():  # keys added later: off = the runs named before them

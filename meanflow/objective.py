@@ -69,13 +69,6 @@ def _warn_fallback(net):
 _WARNED: set = set()
 
 
-def _rows(idx: torch.Tensor):
-    """A run of consecutive row indices as a slice (views, no gather: the official front layout puts
-    the r != t rows last), else the indices."""
-    a, b = int(idx[0]), int(idx[-1])
-    return slice(a, b + 1) if b - a + 1 == len(idx) else idx
-
-
 def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return a.view(-1, *([1] * (like.dim() - 1)))
 
@@ -189,7 +182,7 @@ class MeanFlow:
             # the explicit tangent has no graph); not under autocast with an fp32 jvp
             dz, dr_, dt_ = tangents
             fn = self.dit_jvp or explicit_tangent.dit_jvp
-            u, dudt = fn(net, (z, t, t - r), (dz, dt_, dt_ - dr_), y_in, rows=_rows(mf))
+            u, dudt = fn(net, (z, t, t - r), (dz, dt_, dt_ - dr_), y_in, rows=explicit_tangent.as_slice(mf))
         else:
             u, dudt = self._u_and_jvp(u_fn, api, fp32, grad_net, z, t, r, y_in, mf, tangents, kw)
         u_tgt = v_g.clone()

@@ -81,6 +81,7 @@ class StackedTrainer:
     def __init__(self, cfgs: list, env, progress: bool = True):
         from .models.tangent import StackedDiT
         self.parts = [Trainer(c, env, progress=False) for c in cfgs]
+        self.ids = ", ".join(c.run_id for c in cfgs)   # for error messages: a run id hashes the config
         self.cfg, self.env, self.progress, self.R = cfgs[0], env, progress, len(cfgs)
         self.objective = self.parts[0].objective
         self.stack = StackedDiT.stack
@@ -165,7 +166,7 @@ class StackedTrainer:
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(k, tc.lr, tc.warmup_steps)
         vals, stop = step(self.objective, self.net, self.opt, b["x"], b["y"], ema=self.ema, draws=b["draws"],
-                          stop=stop_requested, where=f" at step {k + 1} (replicas {', '.join(p.cfg.run_id for p in self.parts)})")
+                          stop=stop_requested, where=f" at step {k + 1} (replicas {self.ids})")
         self.k = n = k + 1
         for i, p in enumerate(self.parts):
             p.k = n

@@ -267,13 +267,21 @@ def dit_jvp(net: DiT, primals, tangents, y=None, rows=None):
     return net.unpatchify(x), None if dx is None else net.unpatchify(dx)
 
 
+def as_slice(idx: torch.Tensor):
+    """A run of consecutive row indices as a slice (views, no gather: the official front layout puts
+    the r != t rows last), else the indices."""
+    a, b = int(idx[0]), int(idx[-1])
+    return slice(a, b + 1) if b - a + 1 == len(idx) else idx
+
+
 def _local(rows, R: int, n: int):
-    """Global row indices at the same positions in each of R replicas of n rows -> those positions."""
+    """Global row indices at the same positions in each of R replicas of n rows -> those positions
+    (a slice when consecutive, as the front layout's are)."""
     idx = torch.arange(R * n)[rows] if isinstance(rows, slice) else rows
     local = idx.view(R, -1) - torch.arange(R, device=idx.device)[:, None] * n if len(idx) % R == 0 else None
     if local is None or not (local == local[0]).all():
         raise ValueError("stacked replicas: the tangent rows must sit at the same positions in every replica")
-    return local[0]
+    return as_slice(local[0])
 
 
 class StackedDiT(DiT):

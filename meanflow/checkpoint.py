@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .layout import CKPT_DIR, SUPERSEDED
+from .layout import CKPT_DIR
 
 log = logging.getLogger(__name__)
 HASHES = "hashes.json"
@@ -133,40 +133,6 @@ def resume_latest(run_dir: Path, net: nn.Module, ema, opt, device, run_id: str, 
         raise CheckpointError(f"no intact checkpoint to resume from: {'; '.join(why_all)}; delete "
                               f"{Path(run_dir) / CKPT_DIR} to train from the start")
     return None
-
-
-def run_of(run_dir: Path) -> str | None:
-    """The run id of what run_dir holds: its train manifest's, else its newest checkpoint's (None:
-    neither, or unreadable: resume_latest then names the damage)."""
-    from .layout import TRAIN_MANIFEST
-    try:
-        return json.loads((Path(run_dir) / TRAIN_MANIFEST).read_text())["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    for _, path in reversed(checkpoints(run_dir)):
-        try:
-            return torch.load(path / "state.pt", map_location="cpu", weights_only=True).get("run_id")
-        except Exception:  # noqa: BLE001 - a damaged one: try the previous
-            continue
-    return None
-
-
-def set_aside(run_dir: Path, run_id: str) -> Path | None:
-    """A run directory is named by its experiment row, so after the row's values changed it holds
-    the run it named before: move that run's files to <run_dir>/superseded/<its run id>/ (kept, not
-    resumed from; `python -m stages.clean --delete` removes them). The new location, or None."""
-    old = run_of(run_dir)
-    if old is None or old == run_id:
-        return None
-    dest = Path(run_dir) / SUPERSEDED / re.sub(r"[^A-Za-z0-9_.+-]", "_", str(old))
-    if dest.exists():   # the same run set aside before: keep the newer copy
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for f in Path(run_dir).iterdir():
-        if f.name != SUPERSEDED and not f.name.startswith(".snakemake"):
-            os.replace(f, dest / f.name)
-    log.warning("%s held run %s, not %s (its experiment's values changed): moved to %s", run_dir, old, run_id, dest)
-    return dest
 
 
 def tmp_leftovers(run_dir: Path) -> None:

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def file_hash(path: str | Path, algo: str = "sha256", chunk: int = 1 << 22) -> str:
@@ -60,6 +59,7 @@ def git_commit(cwd: str | Path | None = None) -> dict:
 def environment() -> dict:
     """Where an output was made: host, Python, platform, accelerator (model, count, CUDA/cuDNN),
     key package versions, the git commit, and the SLURM job when there is one."""
+    import torch   # here, not at the top: a stage that only copies (meanflow.reuse) never loads torch
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
            "platform": platform.platform(), "host": platform.node(), "cpus": os.cpu_count()}
     env["gpu_count"] = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -23,7 +23,8 @@ import torch
 from . import layout
 from .distributed import init_distributed
 from .lr import lr_at
-from .training import EMA, Preempted, Trainer, _StopFlag, make_optimizer, step, train, trained
+from .reuse import trained
+from .training import EMA, Preempted, Trainer, _StopFlag, make_optimizer, step, train
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,58 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 from . import config, layout, manifest
-from .checkpoint import set_aside
 from .shards import MANIFEST as SAMPLES_MANIFEST
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "sample", "fid")
+
+
+def trained(cfg) -> bool:
+    """cfg's run is complete in cfg.run_dir (its EMA weights and a train manifest of this run id)."""
+    rp = layout.run(cfg)
+    return rp.ema.exists() and run_of(rp.root) == cfg.run_id and rp.train_manifest.exists()
+
+
+def run_of(run_dir: Path) -> str | None:
+    """The run id of what run_dir holds: its train manifest's, else its newest checkpoint's (None:
+    neither, or unreadable: resume_latest then names the damage)."""
+    try:
+        return json.loads((Path(run_dir) / layout.TRAIN_MANIFEST).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if not any((Path(run_dir) / layout.CKPT_DIR).glob("step-*")):
+        return None
+    import torch   # only here: a stage that copies never loads it
+    from .checkpoint import checkpoints
+    for _, path in reversed(checkpoints(run_dir)):
+        try:
+            return torch.load(path / "state.pt", map_location="cpu", weights_only=True).get("run_id")
+        except Exception:  # noqa: BLE001 - a damaged one: try the previous
+            continue
+    return None
+
+
+def set_aside(run_dir: Path, run_id: str) -> Path | None:
+    """A run directory is named by its experiment row, so after the row's values changed it holds
+    the run it named before: move that run's files to <run_dir>/superseded/<its run id>/ (kept, not
+    resumed from; `python -m stages.clean --delete` removes them). The new location, or None."""
+    old = run_of(run_dir)
+    if old is None or old == run_id:
+        return None
+    dest = Path(run_dir) / layout.SUPERSEDED / re.sub(r"[^A-Za-z0-9_.+-]", "_", str(old))
+    if dest.exists():   # the same run set aside before: keep the newer copy
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for f in Path(run_dir).iterdir():
+        if f.name != layout.SUPERSEDED and not f.name.startswith(".snakemake"):
+            os.replace(f, dest / f.name)
+    log.warning("%s held run %s, not %s (its experiment's values changed): moved to %s", run_dir, old, run_id, dest)
+    return dest
 
 
 def source(cfg, params: str | Path | dict) -> layout.RunPaths | None:
@@ -85,7 +128,6 @@ def adopt(cfg, params, stages=STAGES) -> set[str]:
     src = source(cfg, params)
     if src is None:
         return set()
-    from .training import trained
     dst, done, copied = layout.run(cfg), set(), []
     if "train" in stages:
         if not trained(cfg):

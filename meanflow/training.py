@@ -38,8 +38,8 @@ from torch import nn
 
 from . import layout
 from .batches import EpochSampler, Rows, load_rows
-from .checkpoint import (CheckpointError, checkpoints, resume_latest, run_of, save_checkpoint, save_final_ema, set_aside,
-                         tmp_leftovers)
+from .checkpoint import CheckpointError, checkpoints, resume_latest, save_checkpoint, save_final_ema, tmp_leftovers
+from .reuse import set_aside, trained
 from .distributed import Dist, GradAverager, init_distributed
 from .lr import lr_at, total_steps
 from .runtime import autocast, seed_of
@@ -177,12 +177,6 @@ def _open_live(directory: Path, step: int):
 
 
 # --------------------------------------------------------------------------- the train stage
-def trained(cfg) -> bool:
-    """cfg's run is complete in cfg.run_dir (its EMA weights and a train manifest of this run id)."""
-    rp = layout.run(cfg)
-    return rp.ema.exists() and run_of(rp.root) == cfg.run_id and rp.train_manifest.exists()
-
-
 def train(cfg, progress: bool = True) -> Path:
     """Train cfg's run (cfg.run_dir) to cfg.train.steps, resuming from its latest checkpoint.
     Returns the train manifest path. Raises Preempted on SIGTERM/SIGUSR1 (after a checkpoint),

@@ -115,6 +115,16 @@ def run(p: argparse.ArgumentParser, fn, *errors: type[Exception]) -> None:
                 print(item)
 
 
+def copied(p: argparse.ArgumentParser, cfgs, params: str, stages) -> bool:
+    """Whether every config of `cfgs()` had its outputs of `stages` copied from an earlier row's run
+    of the very same configuration (meanflow.reuse). The stages call it before they import torch,
+    so a job that only copies takes a fraction of a second."""
+    from meanflow import reuse
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with guard(p):
+        return all(reuse.adopt(c, params, stages) == set(stages) for c in cfgs())
+
+
 def tier_stage(name: str, doc: str, fn, *errors: type[Exception], argv=None) -> None:
     """A stage with only --params and --tier: fn(the tier's config), reported as `run` does."""
     p = parser(name, doc)

@@ -1,7 +1,7 @@
 """List (default) or delete (--delete) the run directories under <runs_root>/<tier>/ that no table row
 of the tier's plan reads any more (e.g. after an experiment was renamed or removed; their logs
 under logs/<tier>/ too), and the superseded/ runs inside the others: what a row held before its
-values changed (meanflow.checkpoint.set_aside). Nothing is deleted without --delete.
+values changed (meanflow.reuse.set_aside). Nothing is deleted without --delete.
 
     python -m stages.clean [--tier tiny] [--delete]"""
 import shutil

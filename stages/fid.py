@@ -5,9 +5,7 @@ data.inception_weights, else torch-fidelity's release file (needs the network on
 sample.features = digits (tiny tier) the value is "fd_digits", a Frechet distance in the digits
 classifier's features, not an Inception FID."""
 
-from meanflow import metrics, reuse
-from meanflow.data import DataError
-from stages import EXPERIMENT, load, parser, run
+from stages import EXPERIMENT, copied, load, parser, run
 
 
 def main(argv=None):
@@ -18,13 +16,13 @@ def main(argv=None):
                    help="evaluate fewer samples than sample.n (e.g. the shards done so far); the metric is then biased")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    def fid():
-        cfg = load(args)
-        # an earlier row's metrics of these very samples (meanflow.reuse), unless asked for other NFEs
-        if args.nfe is None and not args.allow_fewer and reuse.adopt(cfg, args.params, ("fid",)):
-            return None
-        return metrics.evaluate_all(cfg, args.nfe, args.allow_fewer, args.inception_weights, progress=not args.no_progress)
-    run(p, fid, DataError, metrics.MetricError)
+    # an earlier row's metrics of these very samples (meanflow.reuse), unless asked for other NFEs
+    if args.nfe is None and not args.allow_fewer and copied(p, lambda: [load(args)], args.params, ("fid",)):
+        return
+    from meanflow import metrics
+    from meanflow.data import DataError
+    run(p, lambda: metrics.evaluate_all(load(args), args.nfe, args.allow_fewer, args.inception_weights,
+                                        progress=not args.no_progress), DataError, metrics.MetricError)
 
 
 if __name__ == "__main__":

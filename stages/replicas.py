@@ -7,8 +7,8 @@ configuration an earlier row's run has (meanflow.reuse) copies that run's output
 
     python -m stages.replicas --tier tiny --experiment default"""
 
-from meanflow import config, data, generate, metrics, plan, replicas, reuse, training
-from stages import EXPERIMENT, parser, run
+from meanflow import config, plan
+from stages import EXPERIMENT, copied, parser, run
 
 
 def main(argv=None):
@@ -16,12 +16,16 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
-    def row():
+    def cfgs():
         full = config.load(args.params, tier=args.tier, experiment=args.experiment)
-        cfgs = [plan.replica(full, i) for i in range(plan.replicates(full))]
-        todo = [c for c in cfgs if reuse.adopt(c, args.params) != set(reuse.STAGES)]
-        if todo:
-            replicas.run_row(todo, progress=not args.no_progress)
+        return [plan.replica(full, i) for i in range(plan.replicates(full))]
+    if copied(p, cfgs, args.params, ("train", "sample", "fid")):   # every replica (or the first ones)
+        return
+    from meanflow import data, generate, metrics, replicas, reuse, training
+
+    def row():
+        replicas.run_row([c for c in cfgs() if reuse.adopt(c, args.params) != set(reuse.STAGES)],
+                         progress=not args.no_progress)
     run(p, row, data.DataError, training.TrainError, generate.SampleError, metrics.MetricError)
 
 

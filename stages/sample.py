@@ -12,9 +12,8 @@ Splitting: --shard i --num-shards n on each job (e.g. a SLURM array), and/or tor
 to finish writes the manifest."""
 from pathlib import Path
 
-from meanflow import config, generate, layout, reuse
-from meanflow.data import DataError
-from stages import EXPERIMENT, load, parser, run
+from meanflow import config
+from stages import EXPERIMENT, copied, load, parser, run
 
 
 def weights(path: str | None) -> str | None:
@@ -42,6 +41,12 @@ def main(argv=None):
     p.add_argument("--t-min", type=float, help="iMF: start of the CFG interval (sample.guidance)")
     p.add_argument("--t-max", type=float, help="iMF: end of the CFG interval (sample.guidance)")
     args = p.parse_args(argv)
+    plain = args.num_shards == 1 and all(getattr(args, k) is None for k in (
+        "nfe", "steps", "ckpt", "out", "n", "schedule", "seed", "omega", "t_min", "t_max"))
+    if plain and copied(p, lambda: [load(args)], args.params, ("sample",)):   # an earlier row's samples
+        return
+    from meanflow import generate
+    from meanflow.data import DataError
 
     def sample():
         nfe = list(args.nfe or [])
@@ -58,8 +63,6 @@ def main(argv=None):
             raw["sample"]["guidance"] = {"all": g}
             cfg = config.build(raw, cfg.tier, cfg.experiment, where=f"{args.params} with --omega/--t-min/--t-max {g}",
                                name=cfg.name)   # sampling settings: the same run
-        if args.out is None and args.num_shards == 1 and not nfe and reuse.adopt(cfg, args.params, ("sample",)):
-            return [layout.run(cfg).samples(k) / "manifest.json" for k in cfg.sample.nfe]   # an earlier row's, copied
         return generate.generate(cfg, nfe or None, args.shard, args.num_shards, progress=not args.no_progress, root=args.out)
     run(p, sample, DataError, generate.SampleError, ValueError)
 

@@ -7,8 +7,8 @@ Exit codes: 0 done (or already done), 1 error (bad parameters, missing store, no
 the last good checkpoint is kept), 75 pre-empted (SIGTERM or SIGUSR1: a checkpoint was written at
 the end of the current step; run the same command again to resume, e.g. on SLURM requeue)."""
 
-from meanflow import data, layout, reuse, training
-from stages import EXPERIMENT, load, parser, run
+from meanflow import layout
+from stages import EXPERIMENT, copied, load, parser, run
 
 
 def main(argv=None):
@@ -17,12 +17,13 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    def train():
-        cfg = load(args, f"--steps {args.steps}", train={"steps": args.steps})
-        if reuse.adopt(cfg, args.params, ("train",)):
-            return layout.run(cfg).train_manifest
-        return training.train(cfg, progress=not args.no_progress)
-    run(p, train, data.DataError, training.TrainError)  # Preempted: its exit_code (75 or 130)
+    def cfg():
+        return load(args, f"--steps {args.steps}", train={"steps": args.steps})
+    if copied(p, lambda: [cfg()], args.params, ("train",)):
+        return print(layout.run(cfg()).train_manifest)
+    from meanflow import data, training
+    run(p, lambda: training.train(cfg(), progress=not args.no_progress),
+        data.DataError, training.TrainError)  # Preempted: its exit_code (75 or 130)
 
 
 if __name__ == "__main__":

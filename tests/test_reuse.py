@@ -3,6 +3,8 @@ once (meanflow.reuse): the plan's names and DVC stages stay put under a value ch
 restates another's configuration copies that run's outputs through the real stages; once its value
 changes it trains its own, and the run it held is set aside, not resumed from."""
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,8 +84,15 @@ def test_a_row_restating_another_copies_its_run_until_its_value_changes(data_roo
     p = write_params(tmp_path / "params.yaml", data_root, b_lr=0.002)
     runs = tmp_path / "runs" / "t"
     assert plan.Plan(config.load_params(p), "t").runs["b"].source == "a"
-    for exp in ("a", "b"):
-        call(replicas_stage.main, "--params", p, "--experiment", exp, "--no-progress")
+    call(replicas_stage.main, "--params", p, "--experiment", "a", "--no-progress")
+    # b's job only copies: it never loads torch (a fraction of a second, not an import of seconds)
+    code = ("import runpy, sys; sys.argv = ['stages.replicas'] + sys.argv[1:]\n"
+            "try:\n    runpy.run_module('stages.replicas', run_name='__main__')\n"
+            "finally:\n    print('torch loaded:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, "--params", str(p), "--experiment", "b", "--no-progress"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and "torch loaded: False" in r.stdout, r.stdout + r.stderr
+    assert "copied from" in r.stderr
     a, b = layout.run(runs / "a"), layout.run(runs / "b")
     assert (a.checkpoints).is_dir() and not b.checkpoints.exists()        # b trained nothing
     assert b.ema.read_bytes() == a.ema.read_bytes()

@@ -71,17 +71,31 @@ def set_aside(run_dir: Path, run_id: str) -> Path | None:
 def source(cfg, params: str | Path | dict) -> layout.RunPaths | None:
     """The run directory the plan names as the source of cfg's run (None: cfg's run is the first of
     its configuration, or not a run of the tier's tables)."""
-    from .plan import Plan
     if cfg.name is None:
         return None
     try:
-        plan = Plan(params if isinstance(params, dict) else config.load_params(params), cfg.tier)
-    except config.ConfigError:
+        plan = _plan(params, cfg.tier)
+    except (config.ConfigError, OSError):
         return None
     run = plan.runs.get(cfg.name)
     if run is None or run.source is None or run.cfg.params_hash != cfg.params_hash:
         return None
     return layout.run(plan.runs[run.source].cfg)
+
+
+_PLANS: dict = {}
+
+
+def _plan(params: dict | str | Path, tier: str):
+    """The tier's plan, built once per process for a params file as it is (a stage adopts each replica)."""
+    from .plan import Plan
+    if isinstance(params, dict):
+        return Plan(params, tier)
+    st = Path(params).stat()
+    key = (str(Path(params).resolve()), st.st_mtime_ns, st.st_size, tier)
+    if key not in _PLANS:
+        _PLANS[key] = Plan(config.load_params(params), tier)
+    return _PLANS[key]
 
 
 def _read(path: Path) -> dict | None:
@@ -155,10 +169,14 @@ def adopt(cfg, params, stages=STAGES) -> set[str]:
             copied.append(f"samples_nfe{k}")
         done.add("sample")
     if "fid" in stages:
-        for k in nfes:
-            m, ours = _read(src.metrics(k)), _read(dst.samples(k) / SAMPLES_MANIFEST)
-            if not (_ours(m, cfg) and ours and (m.get("samples") or {}).get("sha256") == ours.get("sha256")):
-                return done
+        def scores(m, k):   # metrics m are of this config and of dst's samples of NFE k
+            o = _read(dst.samples(k) / SAMPLES_MANIFEST)
+            return _ours(m, cfg) and bool(o) and (m.get("samples") or {}).get("sha256") == o.get("sha256")
+        if all(scores(_read(dst.metrics(k)), k) for k in nfes):   # in place already
+            done.add("fid")
+            return done
+        if not all(scores(_read(src.metrics(k)), k) for k in nfes):
+            return done
         for k in nfes:   # all of them, or none: the fid stage writes every NFE's
             shutil.copy2(src.metrics(k), dst.metrics(k))
             _restamp(dst.metrics(k), cfg, src.metrics(k),

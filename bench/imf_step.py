@@ -18,7 +18,7 @@ from meanflow.imf import IMF  # noqa: E402
 from meanflow.models.imf_dit import IMFDiT  # noqa: E402
 from meanflow.objective import MeanFlow  # noqa: E402
 
-SIZES = {"tiny": dict(input_size=8, patch=4, in_channels=1, hidden=96, depth=2, heads=4, num_classes=10, head_depth=1,
+SIZES = {"tiny": dict(input_size=8, patch=4, in_channels=1, hidden=64, depth=2, heads=4, num_classes=10, head_depth=1,
                       tokens=(2, 1, 1, 1)),
          "b4": dict(input_size=32, patch=4, in_channels=4, hidden=384, depth=6, heads=6, num_classes=1000, head_depth=2)}
 

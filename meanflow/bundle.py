@@ -12,7 +12,7 @@ from meanflow import manifest
 
 BUNDLE_META = "bundle.json"
 # what a bundle carries: metrics, tables, manifests, logs; never weights, samples or data shards
-EXPORT_SUFFIXES = (".json", ".csv", ".md", ".tex", ".tsv", ".png", ".yaml")
+EXPORT_SUFFIXES = (".json", ".csv", ".md", ".tex", ".tsv", ".png", ".yaml", ".log")
 EXCLUDE_DIRS = ("checkpoints",)
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import tarfile
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from meanflow.metrics import uncertainty
 # commit on two CPUs moved a tiny-tier 1-seed FID by ~3%; GPU tiers (fp32, deterministic) are tighter
 FALLBACK_REL = {"tiny": 0.05}
 FALLBACK_DEFAULT = 0.03
+ONE_SIDE_LISTED = 20      # more files than this on one side only are counted by kind, not listed
 
 
 class CompareError(ValueError):
@@ -309,9 +311,16 @@ def compare(a: ResultSet, b: ResultSet, tol: float | None = None) -> Report:
     only_a, only_b = sorted(set(a.files) - set(b.files)), sorted(set(b.files) - set(a.files))
     lines += ["## Artifacts", "", f"{len(common) - len(changed)} bit-identical, {len(changed)} differ, "
               f"{len(only_a)} only in A, {len(only_b)} only in B (runs the tables use, results/, data/).", ""]
-    if changed or only_a or only_b:
+    # a bundle holds no weights, checkpoints or samples: files on one side only are listed by kind
+    # when many (thousands against a checkout), one by one when few
+    listed = [*changed, *(r for side in (only_a, only_b) if len(side) <= ONE_SIDE_LISTED for r in side)]
+    for side, rels in (("A", only_a), ("B", only_b)):
+        if len(rels) > ONE_SIDE_LISTED:
+            kinds = Counter(_kind(r) for r in rels)
+            lines += [f"Only in {side}, by kind: " + ", ".join(f"`{k}` {n}" for k, n in sorted(kinds.items())) + ".", ""]
+    if listed:
         lines += ["| artifact | sha256 A | sha256 B |", "|---|---|---|"]
-        lines += [f"| {r} | {a.files.get(r, '—')[:12]} | {b.files.get(r, '—')[:12]} |" for r in [*changed, *only_a, *only_b]]
+        lines += [f"| {r} | {a.files.get(r, '—')[:12]} | {b.files.get(r, '—')[:12]} |" for r in listed]
         lines.append("")
     for rs in (a, b):
         if rs.ignored:
@@ -319,6 +328,15 @@ def compare(a: ResultSet, b: ResultSet, tol: float | None = None) -> Report:
                          + ", ".join(f"`{x}`" for x in rs.ignored[:20]) + ("" if len(rs.ignored) <= 20 else ", ..."))
     lines.append("")
     return Report("\n".join(lines), ok, bad, bool(diff) or any_params)
+
+
+def _kind(rel: str) -> str:
+    """What a file is, for the artifact summary: `runs/<tier>/*/checkpoints/`, `runs/<tier>/*/ema.safetensors`,
+    or its folder outside runs/ (`data/tiny/`)."""
+    parts = rel.split("/")
+    if parts[0] == "runs" and len(parts) > 3:
+        return "/".join(["runs", parts[1], "*", parts[3]]) + ("/" if len(parts) > 4 else "")
+    return "/".join(parts[:-1]) + "/"
 
 
 def _env_cell(env: dict, k: str) -> str:

@@ -116,12 +116,15 @@ def test_different_params_are_flagged(tmp_path):
 
 def test_export_bundle_roundtrip(tmp_path):
     a = make_set(tmp_path / "a", {("MF-B/4", 1): 6.10})
+    (a / "results" / "tiny" / "logs").mkdir()
+    (a / "results" / "tiny" / "logs" / "replicas_MF-B_4.log").write_text("INFO fd_digits = 6.1\n")
     bundle = tmp_path / "a.tar.gz"
     r = cli("export", "--tier", "tiny", "--out", bundle, "--root", a)
     assert r.returncode == 0, r.stderr
     import tarfile
     names = tarfile.open(bundle).getnames()
     assert "bundle.json" in names and "results/tiny/tables/table_2.csv" in names
+    assert "results/tiny/logs/replicas_MF-B_4.log" in names      # the jobs' logs travel
     assert not any(n.endswith(".safetensors") for n in names)   # no weights
     # refuses to overwrite
     r = cli("export", "--tier", "tiny", "--out", bundle, "--root", a)
@@ -130,6 +133,26 @@ def test_export_bundle_roundtrip(tmp_path):
     r = cli("compare", bundle, a, "--out", tmp_path / "r.md")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 differ, 0 only in A, 1 only in B" in (tmp_path / "r.md").read_text()   # the bundle holds no weights
+    assert "| runs/tiny/dit-0/ema.safetensors | — |" in (tmp_path / "r.md").read_text()   # few: listed
+
+
+def test_many_one_side_files_counted_by_kind(tmp_path):
+    """Against a checkout, a bundle lacks every weight, checkpoint and sample shard (thousands on the
+    tiny tier): the report counts them by kind instead of listing each; a changed file is still listed."""
+    a = make_set(tmp_path / "a", {("MF-B/4", 1): [6.1, 6.2, 6.0]})
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    for i in range(3):
+        for step in range(8):
+            ck = a / "runs" / "tiny" / f"dit-{i}" / "checkpoints" / f"step-{step:08d}"
+            ck.mkdir(parents=True)
+            (ck / "model.safetensors").write_bytes(bytes([i, step]))
+    (b / "results" / "tiny" / "tables" / "table_2.csv").write_text(
+        (a / "results" / "tiny" / "tables" / "table_2.csv").read_text() + "\n")
+    text = compare.compare(compare.load(a), compare.load(b)).text
+    assert "1 differ, 24 only in A, 0 only in B" in text
+    assert "Only in A, by kind: `runs/tiny/*/checkpoints/` 24." in text
+    assert "step-00000007" not in text and "| results/tiny/tables/table_2.csv |" in text
 
 
 def test_bad_input(tmp_path):

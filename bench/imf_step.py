@@ -14,9 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from meanflow import config  # noqa: E402
-from meanflow.imf import IMF  # noqa: E402
+from meanflow.objective import IMF, MeanFlow  # noqa: E402
 from meanflow.models.imf_dit import IMFDiT  # noqa: E402
-from meanflow.objective import MeanFlow  # noqa: E402
 
 SIZES = {"tiny": dict(input_size=8, patch=4, in_channels=1, hidden=64, depth=2, heads=4, num_classes=10, head_depth=1,
                       tokens=(2, 1, 1, 1)),

@@ -1,6 +1,6 @@
-"""Train-stage overhead: one iteration of the stage's loop (Trainer.advance: batch indices, store
-batch, per-step generators and draws, the loss check's host sync, EMA, DVCLive rows every
-train.log_every steps, tqdm) against the bare objective step (training.step on one fixed
+"""Train-stage overhead: one iteration of the stage's loop (training.loop.Loop.advance: batch
+indices, store batch, per-step generators and draws, the loss check's host sync, EMA, DVCLive lines
+every train.log_every steps, tqdm) against the bare objective step (training.step.step on one fixed
 batch) for the same model, batch size and device. Interleaved rounds in one process; medians.
 
     python bench/train_overhead.py [--tier tiny] [--rounds 7] [--steps 10] [--device cpu]
@@ -21,9 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from meanflow import config, data, runtime, training  # noqa: E402
+from meanflow import config, data, runtime  # noqa: E402
 from meanflow.models import build_model  # noqa: E402
 from meanflow.objective import MeanFlow  # noqa: E402
+from meanflow.training.distributed import Dist  # noqa: E402
+from meanflow.training.loop import Loop, Replica  # noqa: E402
+from meanflow.training.step import make_optimizer, step  # noqa: E402
 
 
 def sync(device):
@@ -64,17 +67,18 @@ def main():
         data.encode(built)
     cfg = config.build(config.deep_merge(cfg.raw, over), cfg.tier)
 
-    trainer = training.Trainer(cfg, training.Dist(0, 1, runtime.device(args.device)))
+    replica = Replica(cfg, Dist(0, 1, runtime.device(args.device)))
+    trainer = Loop(replica)
     trainer.open()
-    device, tc = trainer.device, cfg.train
+    device, tc = replica.device, cfg.train
     torch.manual_seed(0)
     net = build_model(cfg).to(device)
-    opt, obj = training.make_optimizer(net, tc), MeanFlow(cfg.meanflow, cfg.data.num_classes)
+    opt, obj = make_optimizer(net, tc), MeanFlow(cfg.meanflow, cfg.data.num_classes)
     g = torch.Generator(device).manual_seed(0)
-    x, y = trainer.store.batch(range(tc.batch), torch.Generator(device).manual_seed(0))
+    x, y = replica.store.batch(range(tc.batch), torch.Generator(device).manual_seed(0))
     y = y if cfg.data.num_classes else None
 
-    bare = lambda: training.step(obj, net, opt, x, y, generator=g)  # noqa: E731
+    bare = lambda: step(obj, net, opt, x, y, generator=g)  # noqa: E731
     stage = trainer.advance
     for fn in (bare, stage):
         timed(fn, 3, device)  # warm-up
@@ -83,15 +87,14 @@ def main():
         times["bare"].append(timed(bare, args.steps, device))
         times["stage"].append(timed(stage, args.steps, device))
     # where the stage's extra time goes, per step
-    if trainer.pending:  # the prefetch thread (GPU) must be idle while we call rows() here
+    if trainer.pending:  # the prefetch thread (GPU) must be idle while we call load() here
         trainer.pending[1].result()
 
-    def log_once():
-        trainer.window = 1
-        trainer.log_metrics(trainer.k)
+    def log_once():   # one metrics line (the step of the last line written: no cadence wait)
+        replica.records.log(tc.steps, [0.0] * 4, tc.lr)
 
-    parts = {"rows": timed(lambda: trainer.rows(trainer.k), 20, device),
-             "ema": timed(lambda: trainer.ema.update(trainer.net), 20, device),
+    parts = {"batch": timed(lambda: replica.load(trainer.k), 20, device),
+             "ema": timed(lambda: replica.ema.update(replica.net), 20, device),
              "log": timed(log_once, 5, device) / tc.log_every}
     trainer.close()
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Train-step time and peak memory: MeanFlow against Flow Matching (ratio 0) on the same small DiT
 and batches, for both jvp strategies and the generic (func, forward_ad) and explicit tangents. The step
-timed is training.step, the one the train stage runs (forward, backward, the loss check's host sync,
+timed is meanflow.training.step.step, the one the train stage runs (forward, backward, the loss check's host sync,
 update, EMA). Times are interleaved in one process (medians of rounds);
 peak memory is measured per variant in a fresh subprocess (CUDA: max_memory_allocated; CPU:
 peak RSS above the RSS just before the first step). Prints ratios against Flow Matching and a
@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from meanflow import config, objective  # noqa: E402
+from meanflow import config  # noqa: E402
 from meanflow.models import build_model  # noqa: E402
 from meanflow.models import tangent as explicit_tangent  # noqa: E402
 from meanflow.objective import MeanFlow  # noqa: E402
+from meanflow.objective import meanflow as mf_objective  # noqa: E402
 from meanflow.runtime import device as select_device  # noqa: E402
-from meanflow.training import EMA, make_optimizer, step  # noqa: E402
+from meanflow.training.step import EMA, make_optimizer, step  # noqa: E402
 
 VARIANTS = {"fm": {"ratio": 0.0}}  # Flow Matching: ratio 0, no jvp
 VARIANTS.update({f"mf_{s}_{a}": {"ratio": 0.25, "strategy": s, "jvp_api": a}
@@ -73,7 +74,7 @@ def timed(state, steps):
 
 
 def timed_parts(state, steps):
-    """Seconds per step of each part of training.step: the gradient forward, the tangent (the jvp
+    """Seconds per step of each part of step.step: the gradient forward, the tangent (the jvp
     call; under split also its primal, under joint the r != t rows' gradient forward; for explicit,
     the one gradient forward that carries the r != t rows' tangent), the backward and the rest
     (sampling, loss, host sync, optimiser, EMA). Parts are clocked by wrapping and forward hooks, not
@@ -103,8 +104,8 @@ def timed_parts(state, steps):
                 stop()
         return run
 
-    jvp, dit_jvp, backward = objective.jvp, explicit_tangent.dit_jvp, torch.Tensor.backward
-    objective.jvp, explicit_tangent.dit_jvp = clocked("tangent", jvp), clocked("tangent", dit_jvp)
+    jvp, dit_jvp, backward = mf_objective.jvp, explicit_tangent.dit_jvp, torch.Tensor.backward
+    mf_objective.jvp, explicit_tangent.dit_jvp = clocked("tangent", jvp), clocked("tangent", dit_jvp)
     torch.Tensor.backward = clocked("backward", backward)
     compiled_jvp = obj.dit_jvp
     if compiled_jvp is not None:
@@ -122,7 +123,7 @@ def timed_parts(state, steps):
             sync()
             acc["total"] += time.perf_counter() - t0
     finally:
-        objective.jvp, explicit_tangent.dit_jvp, torch.Tensor.backward = jvp, dit_jvp, backward
+        mf_objective.jvp, explicit_tangent.dit_jvp, torch.Tensor.backward = jvp, dit_jvp, backward
         obj.dit_jvp = compiled_jvp
         for h in hooks:
             h.remove()

@@ -4,7 +4,8 @@
 A resolved config is `defaults <- tiers[tier] <- experiments[name] <- experiments[name].tiers[tier]`,
 deep-merged, then checked
 against `$defs/config` of workflow/schemas/params.schema.yaml. Each section becomes a frozen
-dataclass generated from the schema, so the schema is the single definition of every key.
+dataclass of meanflow/sections.py (its fields in source; a test keeps them equal to the schema's
+keys), so the schema is the one definition of every key's default, bounds and meaning.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from meanflow import layout
+from meanflow import layout, sections
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = ROOT / "workflow" / "schemas" / "params.schema.yaml"
@@ -83,29 +84,6 @@ def _validate(instance: Any, sch: dict, where: str) -> None:
 
 
 # --------------------------------------------------------------------------- typed sections
-_PY = {"integer": int, "number": float, "boolean": bool, "string": str, "array": list, "object": dict}
-
-
-def _section_class(name: str):
-    props = schema()["$defs"][name]["properties"]
-
-    def py_type(p):
-        t = p.get("type", "string" if "enum" in p else "object")
-        ts = [t] if isinstance(t, str) else t
-        types = tuple(_PY[x] for x in ts if x != "null")
-        return types[0] if len(types) == 1 else Any
-
-    fields = [(k, py_type(p)) for k, p in props.items()]
-    cls = dataclasses.make_dataclass(name.capitalize() + "Config", fields, frozen=True)
-    cls.__doc__ = f"Section `{name}` of a resolved config (fields from params.schema.yaml)."
-    return cls
-
-
-@cache
-def section_classes() -> dict[str, type]:
-    return {s: _section_class(s) for s in SECTIONS}
-
-
 def _freeze(v):
     return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
 
@@ -116,16 +94,19 @@ class Config:
 
     tier: str
     experiment: str | None
-    data: Any
-    model: Any
-    meanflow: Any
-    train: Any
-    sample: Any
+    data: sections.DataConfig
+    model: sections.ModelConfig
+    meanflow: sections.MeanflowConfig
+    train: sections.TrainConfig
+    sample: sections.SampleConfig
+    # the validated dict the sections were built from: what run ids and params hashes hash, and what
+    # manifests record; code reads values through the sections
     raw: dict = dataclasses.field(repr=False, compare=False, hash=False)
     # the run directory's name: an experiment row's (and replica's) name for the plan's runs, so a
     # value changed by `dvc exp run -S` keeps the row's paths; None (hand-made configs, a CLI
     # override that changes the run): the run id
     name: str | None = dataclasses.field(default=None, compare=False)
+    replicate: int = 0   # replica i of the row's train.replicates (meanflow.plan.replica: seeds + i)
 
     @property
     def params_hash(self) -> str:
@@ -150,18 +131,19 @@ class Config:
     @property
     def run_dir(self) -> Path:
         """runs/<tier>/<name or run_id>: checkpoints, final EMA weights, samples and metrics of one run."""
-        return Path(self.raw["train"].get("runs_root", "runs")) / self.tier / (self.name or self.run_id)
+        return Path(self.train.runs_root) / self.tier / (self.name or self.run_id)
 
 
 def _hashed(raw: dict) -> dict:
-    """raw without the keys marked x-unhashed-default that sit at their default: a key added later
-    (e.g. iMF's) leaves the hashes, so the run ids, of existing configurations as they were."""
+    """raw without the keys marked x-unhashed (how a row's runs are cut into seeds and jobs, never
+    a run's own) and those marked x-unhashed-default that sit at their default (a key added later,
+    e.g. iMF's, leaves the hashes, so the run ids, of existing configurations as they were)."""
     out = dict(raw)
     for s in SECTIONS:
         props = schema()["$defs"][s]["properties"]
         sec = raw.get(s, {})
-        out[s] = {k: v for k, v in sec.items()
-                  if not (props.get(k, {}).get("x-unhashed-default") and v == props[k].get("default"))}
+        out[s] = {k: v for k, v in sec.items() if not props.get(k, {}).get("x-unhashed")
+                  and not (props.get(k, {}).get("x-unhashed-default") and v == props[k].get("default"))}
     return out
 
 
@@ -178,19 +160,18 @@ def deep_merge(base: dict, over: dict | None) -> dict:
 
 
 def build(raw: dict, tier: str = "custom", experiment: str | None = None, where: str = "config",
-          name: str | None = None) -> Config:
+          name: str | None = None, replicate: int = 0) -> Config:
     """Validate a (partial) config dict, fill defaults and return the typed Config (`name`: its run
-    directory's, default the run id)."""
+    directory's, default the run id; `replicate`: which replica of its row it is)."""
     raw = copy.deepcopy(raw or {})
     _validate(raw, {"$ref": "#/$defs/config"}, where)
-    classes = section_classes()
-    sections = {}
+    secs = {}
     for s in SECTIONS:   # every section is closed (additionalProperties: false): each key is a field
-        sections[s] = classes[s](**{k: _freeze(v) for k, v in raw[s].items()})
+        secs[s] = sections.SECTIONS[s](**{k: _freeze(v) for k, v in raw[s].items()})
     if not raw["meanflow"]["t_start"] <= raw["meanflow"]["t_end"]:
         raise ConfigError(f"{where}: meanflow.t_start ({raw['meanflow']['t_start']}) > meanflow.t_end ({raw['meanflow']['t_end']})")
     _check_shapes(raw, where)
-    return Config(tier=tier, experiment=experiment, raw=raw, name=name, **sections)
+    return Config(tier=tier, experiment=experiment, raw=raw, name=name, replicate=replicate, **secs)
 
 
 def _check_shapes(raw: dict, where: str) -> None:

@@ -7,8 +7,11 @@ they cannot disagree, and nothing resolves params a second time.
 
 Replicates: `train.replicates: R` (in a tier, or an experiment's override) makes each row read R
 runs that differ only in `train.seed + i` and `sample.seed + i` (i = 0..R-1), each with its own
-run id; replica 0 is the configuration without the key, so R = 1 and the seed-0 run of R = 3 keep
-the run id and params hash they had before replicates existed."""
+run id; neither train.replicates nor train.group_replicas enters a run id or params hash
+(x-unhashed in the schema), so R = 1 and the seed-0 run of R = 3 are the same run.
+
+A job (stages/__init__.py) builds the tier's plan once and takes its configs from it
+(`Plan.replicas_of`) with the run whose outputs it may copy (`Plan.source_of`, meanflow.reuse)."""
 from __future__ import annotations
 
 import glob
@@ -75,26 +78,23 @@ class Run:
 
 
 def replicates(cfg: config.Config) -> int:
-    """train.replicates (default 1): how many seeds each row of this config trains."""
-    r = cfg.raw["train"].get("replicates", 1)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise config.ConfigError(f"{cfg.experiment or cfg.tier}: train.replicates = {r!r}; must be an integer >= 1")
-    return r
+    """train.replicates (schema default 1): how many seeds each row of this config trains."""
+    return cfg.train.replicates
 
 
 def replica(cfg: config.Config, i: int) -> config.Config:
-    """Replica i of cfg: train.seed + i and sample.seed + i, without the replicates key (one run)."""
+    """Replica i of a row's config: train.seed + i and sample.seed + i (cfg.replicate = i)."""
     n = replicates(cfg)
     if not 0 <= i < n:
         raise config.ConfigError(f"replicate {i}: {cfg.experiment or cfg.tier} has train.replicates = {n} (0..{n - 1})")
+    if cfg.replicate:
+        raise ValueError(f"replica({cfg.name or cfg.run_id}, {i}): already replica {cfg.replicate} of its row")
     raw = config.deep_merge(cfg.raw, {})
-    raw["train"].pop("replicates", None)
-    raw["train"].pop("group_replicas", None)   # how the row's jobs are cut, not the run
     if i:
         raw["train"]["seed"] += i
         raw["sample"]["seed"] += i
     return config.build(raw, cfg.tier, cfg.experiment, where=f"{cfg.experiment or cfg.tier} replicate {i}",
-                        name=layout.run_name(cfg.experiment, i) if cfg.name else None)
+                        name=layout.run_name(cfg.experiment, i) if cfg.name else None, replicate=i)
 
 
 def replicate_arg(i: int) -> str:
@@ -114,7 +114,7 @@ class Plan:
     (`make run-imf`: imf1); plan.subset is that list, else None."""
 
     def __init__(self, params: dict, tier: str, where: str = "params.yaml", tables: list[str] | None = None):
-        self.params, self.tier = params, tier
+        self.params, self.tier, self.where = params, tier, where
         self.base = config.resolve(params, tier, where=where)
         t = params.get("tables") or {}
         self.subset = None if tables is None else [str(x) for x in tables]
@@ -136,7 +136,7 @@ class Plan:
                 if exp not in cache:
                     full = config.resolve(params, tier, exp, where=where)
                     cache[exp] = tuple(replica(full, i) for i in range(replicates(full)))
-                    if full.raw["train"].get("group_replicas") and len(cache[exp]) > 1:
+                    if full.train.group_replicas and len(cache[exp]) > 1:
                         self.groups[cache[exp][0].name] = (exp, [c.name for c in cache[exp]])
                 reps = cache[exp]
                 cfg = reps[0]
@@ -162,9 +162,27 @@ class Plan:
     def results(self) -> layout.ResultPaths:
         return layout.results(self.tier, subset=self.subset)
 
+    def replicas_of(self, experiment: str | None) -> list[config.Config]:
+        """Every replica config of `experiment` (None: the tier's base config): the plan's own when
+        a table row reads it, else resolved now."""
+        for r in self.rows:
+            if r.experiment == experiment:
+                return list(r.replicas)
+        full = self.base if experiment is None else config.resolve(self.params, self.tier, experiment, self.where)
+        return [replica(full, i) for i in range(replicates(full))]
+
+    def source_of(self, cfg: config.Config) -> config.Config | None:
+        """The config of the plan's first run of cfg's very configuration when that is another run
+        (meanflow.reuse copies its outputs); None when cfg's run is that first one, is not a run of
+        the tier's tables, or was changed since (e.g. by a stage's --steps)."""
+        run = self.runs.get(cfg.name) if cfg.name else None
+        if run is None or run.source is None or run.cfg.params_hash != cfg.params_hash:
+            return None
+        return self.runs[run.source].cfg
+
     def run_paths(self, run: str = "{run}") -> layout.RunPaths:
         """A run's layout under this tier (default: the Snakemake pattern with the {run} wildcard)."""
-        return layout.run(Path(self.base.raw["train"].get("runs_root", "runs")) / self.tier / run)
+        return layout.run(Path(self.base.train.runs_root) / self.tier / run)
 
     def outputs(self, run: str, stage: str) -> list[Path]:
         """A run's outputs of stage train, sample or fid (the Snakemake rules' and dvc.yaml's)."""
@@ -186,7 +204,7 @@ class Plan:
     def fid_reference(self) -> Path:
         """What the fid stage compares against: ADM/Inception refstats, or on sample.features = digits
         (tiny) the digits feature net (its reference statistics are derived from it by the fid stage)."""
-        digits = self.base.raw["sample"].get("features") == "digits"
+        digits = self.base.sample.features == "digits"
         return self.data.feature_net if digits else self.data.refstats
 
     def hash(self) -> str:
@@ -209,9 +227,8 @@ CODE = {
     "encode": ["stages/encode.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/data/*.py"],
     "refstats": ["stages/refstats.py", *_COMMON, "meanflow/runtime.py", "meanflow/metrics/reference.py"],
     "features": ["stages/features.py", *_COMMON, "meanflow/metrics/*.py"],
-    "train": ["stages/train.py", *_COMMON, "meanflow/runtime.py", "meanflow/training.py", "meanflow/batches.py", "meanflow/distributed.py",
-              "meanflow/checkpoint.py", "meanflow/objective.py", "meanflow/imf.py", "meanflow/models/*.py",
-              "meanflow/data/augment.py", "meanflow/lr.py"],
+    "train": ["stages/train.py", *_COMMON, "meanflow/runtime.py", "meanflow/training/*.py", "meanflow/objective/*.py",
+              "meanflow/models/*.py", "meanflow/data/augment.py"],
     "sample": ["stages/sample.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/generate.py",
                "meanflow/sampling.py", "meanflow/models/*.py"],
     "fid": ["stages/fid.py", *_COMMON, "meanflow/runtime.py", "meanflow/shards.py", "meanflow/metrics/*.py"],

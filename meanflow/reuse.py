@@ -14,88 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
-from . import config, layout, manifest
+from . import layout, manifest
 from .shards import MANIFEST as SAMPLES_MANIFEST
+from .training.records import set_aside, trained
 
 log = logging.getLogger(__name__)
 STAGES = ("train", "sample", "fid")
-
-
-def trained(cfg) -> bool:
-    """cfg's run is complete in cfg.run_dir (its EMA weights and a train manifest of this run id)."""
-    rp = layout.run(cfg)
-    return rp.ema.exists() and run_of(rp.root) == cfg.run_id and rp.train_manifest.exists()
-
-
-def run_of(run_dir: Path) -> str | None:
-    """The run id of what run_dir holds: its train manifest's, else its newest checkpoint's (None:
-    neither, or unreadable: resume_latest then names the damage)."""
-    try:
-        return json.loads((Path(run_dir) / layout.TRAIN_MANIFEST).read_text())["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    if not any((Path(run_dir) / layout.CKPT_DIR).glob("step-*")):
-        return None
-    import torch   # only here: a stage that copies never loads it
-    from .checkpoint import checkpoints
-    for _, path in reversed(checkpoints(run_dir)):
-        try:
-            return torch.load(path / "state.pt", map_location="cpu", weights_only=True).get("run_id")
-        except Exception:  # noqa: BLE001 - a damaged one: try the previous
-            continue
-    return None
-
-
-def set_aside(run_dir: Path, run_id: str) -> Path | None:
-    """A run directory is named by its experiment row, so after the row's values changed it holds
-    the run it named before: move that run's files to <run_dir>/superseded/<its run id>/ (kept, not
-    resumed from; `python -m stages.clean --delete` removes them). The new location, or None."""
-    old = run_of(run_dir)
-    if old is None or old == run_id:
-        return None
-    dest = Path(run_dir) / layout.SUPERSEDED / re.sub(r"[^A-Za-z0-9_.+-]", "_", str(old))
-    if dest.exists():   # the same run set aside before: keep the newer copy
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for f in Path(run_dir).iterdir():
-        if f.name != layout.SUPERSEDED and not f.name.startswith(".snakemake"):
-            os.replace(f, dest / f.name)
-    log.warning("%s held run %s, not %s (its experiment's values changed): moved to %s", run_dir, old, run_id, dest)
-    return dest
-
-
-def source(cfg, params: str | Path | dict) -> layout.RunPaths | None:
-    """The run directory the plan names as the source of cfg's run (None: cfg's run is the first of
-    its configuration, or not a run of the tier's tables)."""
-    if cfg.name is None:
-        return None
-    try:
-        plan = _plan(params, cfg.tier)
-    except (config.ConfigError, OSError):
-        return None
-    run = plan.runs.get(cfg.name)
-    if run is None or run.source is None or run.cfg.params_hash != cfg.params_hash:
-        return None
-    return layout.run(plan.runs[run.source].cfg)
-
-
-_PLANS: dict = {}
-
-
-def _plan(params: dict | str | Path, tier: str):
-    """The tier's plan, built once per process for a params file as it is (a stage adopts each replica)."""
-    from .plan import Plan
-    if isinstance(params, dict):
-        return Plan(params, tier)
-    st = Path(params).stat()
-    key = (str(Path(params).resolve()), st.st_mtime_ns, st.st_size, tier)
-    if key not in _PLANS:
-        _PLANS[key] = Plan(config.load_params(params), tier)
-    return _PLANS[key]
 
 
 def _read(path: Path) -> dict | None:
@@ -136,13 +63,13 @@ def _restamp(path: Path, cfg, src: Path, **fields) -> None:
     manifest.write_json(path, m)
 
 
-def adopt(cfg, params, stages=STAGES) -> set[str]:
-    """Copy what the source run of cfg has finished of `stages` into cfg's run directory (in stage
-    order; each only when the previous one is in place); the stages adopted."""
-    src = source(cfg, params)
-    if src is None:
+def adopt(cfg, source, stages=STAGES) -> set[str]:
+    """Copy what cfg's source run (the plan's Plan.source_of(cfg): a Config, or None) has finished
+    of `stages` into cfg's run directory (in stage order; each only when the previous one is in
+    place); the stages adopted."""
+    if source is None:
         return set()
-    dst, done, copied = layout.run(cfg), set(), []
+    src, dst, done, copied = layout.run(source), layout.run(cfg), set(), []
     if "train" in stages:
         if not trained(cfg):
             copied.append("train")

@@ -12,7 +12,7 @@ from . import config
 from .models import build_model
 from .objective import MeanFlow
 from .sampling import sample
-from .training import EMA, make_optimizer, step
+from .training.step import EMA, make_optimizer, step
 
 TOY = {
     "data": {"dataset": "toy2d", "channels": 2, "input_size": 1, "num_classes": 0},

@@ -41,18 +41,53 @@ def debug_flag(p: argparse.ArgumentParser) -> None:
                    "(also MEANFLOW_DEBUG=1)")
 
 
-def load(args, where: str = "", **sections) -> config.Config:
-    """The config a stage runs: --params/--tier/--experiment, replica --replicate of it
-    (meanflow.plan.replica: train.seed + i, sample.seed + i), then `sections` ({section: {key: value}},
-    None values dropped: the stage's own CLI overrides) merged over it and validated again; `where`
-    names the options in error messages."""
+@dataclasses.dataclass
+class Job:
+    """A run stage's configs, resolved once from the tier's plan (meanflow.plan): `cfgs` (the run, or
+    a row's replicas) and each one's source (the plan's earlier run of the very same
+    configuration, whose outputs meanflow.reuse copies; None when there is none)."""
+
+    cfgs: list
+    sources: list
+
+    @property
+    def cfg(self) -> config.Config:
+        return self.cfgs[0]
+
+    def adopt(self, stages) -> list:
+        """Copy what each config's source has finished of `stages`; the configs whose `stages` are
+        not all in place, to compute. The stages call it before they import torch, so a job that
+        only copies takes a fraction of a second."""
+        from meanflow import reuse
+        return [c for c, s in zip(self.cfgs, self.sources) if reuse.adopt(c, s, stages) != set(stages)]
+
+
+def job(p: argparse.ArgumentParser, args, where: str = "", replicas: bool = False, **sections) -> Job:
+    """The job of a run stage, resolved once (a bad --params/--tier/--experiment or value ends as an
+    `error:` line): --params, --tier, --experiment; its replica --replicate, or every replica
+    (`replicas`); then `sections` ({section: {key: value}}, None values dropped: the stage's own
+    CLI overrides) merged over each and validated again; `where` names the options in errors."""
     from meanflow import plan
-    cfg = config.load(args.params, tier=args.tier, experiment=getattr(args, "experiment", None))
-    cfg = plan.replica(cfg, getattr(args, "replicate", 0))
-    over = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in sections.items()}
-    if not any(over.values()):
-        return cfg
-    new = config.build(config.deep_merge(cfg.raw, over), cfg.tier, cfg.experiment, where=f"{args.params} with {where}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with guard(p):
+        params = config.load_params(args.params)
+        pl = plan.Plan(params, args.tier or params["tier"], where=args.params)
+        cfgs = pl.replicas_of(getattr(args, "experiment", None))
+        if not replicas:
+            i = getattr(args, "replicate", 0)
+            if not 0 <= i < len(cfgs):
+                c = cfgs[0]
+                raise config.ConfigError(f"replicate {i}: {c.experiment or c.tier} has train.replicates = "
+                                         f"{len(cfgs)} (0..{len(cfgs) - 1})")
+            cfgs = [cfgs[i]]
+        over = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in sections.items()}
+        if any(over.values()):
+            cfgs = [_override(c, over, f"{args.params} with {where}") for c in cfgs]
+        return Job(cfgs, [pl.source_of(c) for c in cfgs])
+
+
+def _override(cfg: config.Config, over: dict, where: str) -> config.Config:
+    new = config.build(config.deep_merge(cfg.raw, over), cfg.tier, cfg.experiment, where=where, replicate=cfg.replicate)
     # an override that changes the run (e.g. --steps) gets its own directory, named by its run id
     return dataclasses.replace(new, name=cfg.name) if new.run_id == cfg.run_id else new
 
@@ -113,16 +148,6 @@ def run(p: argparse.ArgumentParser, fn, *errors: type[Exception]) -> None:
         for item in out if isinstance(out, (list, tuple)) or hasattr(out, "__next__") else [out]:
             if item is not None:
                 print(item)
-
-
-def copied(p: argparse.ArgumentParser, cfgs, params: str, stages) -> bool:
-    """Whether every config of `cfgs()` had its outputs of `stages` copied from an earlier row's run
-    of the very same configuration (meanflow.reuse). The stages call it before they import torch,
-    so a job that only copies takes a fraction of a second."""
-    from meanflow import reuse
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with guard(p):
-        return all(reuse.adopt(c, params, stages) == set(stages) for c in cfgs())
 
 
 def tier_stage(name: str, doc: str, fn, *errors: type[Exception], argv=None) -> None:

@@ -1,7 +1,7 @@
 """List (default) or delete (--delete) the run directories under <runs_root>/<tier>/ that no table row
 of the tier's plan reads any more (e.g. after an experiment was renamed or removed; their logs
 under logs/<tier>/ too), and the superseded/ runs inside the others: what a row held before its
-values changed (meanflow.reuse.set_aside). Nothing is deleted without --delete.
+values changed (meanflow.training.records.set_aside). Nothing is deleted without --delete.
 
     python -m stages.clean [--tier tiny] [--delete]"""
 import shutil
@@ -15,7 +15,7 @@ from stages import parser, run
 def unreferenced(params: dict, tier: str) -> list[Path]:
     """Run directories of `tier` that are not one of the plan's runs, and superseded runs in those that are."""
     plan = Plan(params, tier)
-    root = Path(plan.base.raw["train"]["runs_root"]) / tier
+    root = Path(plan.base.train.runs_root) / tier
     keep = {Path(r.run_dir).name for r in plan.runs.values()}
     if not root.is_dir():
         return []

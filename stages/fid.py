@@ -5,7 +5,7 @@ data.inception_weights, else torch-fidelity's release file (needs the network on
 sample.features = digits (tiny tier) the value is "fd_digits", a Frechet distance in the digits
 classifier's features, not an Inception FID."""
 
-from stages import EXPERIMENT, copied, load, parser, run
+from stages import EXPERIMENT, job, parser, run
 
 
 def main(argv=None):
@@ -17,11 +17,12 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     # an earlier row's metrics of these very samples (meanflow.reuse), unless asked for other NFEs
-    if args.nfe is None and not args.allow_fewer and copied(p, lambda: [load(args)], args.params, ("fid",)):
+    j = job(p, args)
+    if args.nfe is None and not args.allow_fewer and not j.adopt(("fid",)):   # an earlier row's metrics
         return
     from meanflow import metrics
     from meanflow.data import DataError
-    run(p, lambda: metrics.evaluate_all(load(args), args.nfe, args.allow_fewer, args.inception_weights,
+    run(p, lambda: metrics.evaluate_all(j.cfg, args.nfe, args.allow_fewer, args.inception_weights,
                                         progress=not args.no_progress), DataError, metrics.MetricError)
 
 

@@ -7,8 +7,7 @@ configuration an earlier row's run has (meanflow.reuse) copies that run's output
 
     python -m stages.replicas --tier tiny --experiment default"""
 
-from meanflow import config, plan
-from stages import EXPERIMENT, copied, parser, run
+from stages import EXPERIMENT, job, parser, run
 
 
 def main(argv=None):
@@ -16,17 +15,13 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
-    def cfgs():
-        full = config.load(args.params, tier=args.tier, experiment=args.experiment)
-        return [plan.replica(full, i) for i in range(plan.replicates(full))]
-    if copied(p, cfgs, args.params, ("train", "sample", "fid")):   # every replica (or the first ones)
+    todo = job(p, args, replicas=True).adopt(("train", "sample", "fid"))   # replicas an earlier row has not done
+    if not todo:
         return
-    from meanflow import data, generate, metrics, replicas, reuse, training
-
-    def row():
-        replicas.run_row([c for c in cfgs() if reuse.adopt(c, args.params) != set(reuse.STAGES)],
-                         progress=not args.no_progress)
-    run(p, row, data.DataError, training.TrainError, generate.SampleError, metrics.MetricError)
+    from meanflow import data, generate, metrics, replicas
+    from meanflow.training.records import TrainError
+    run(p, lambda: replicas.run_row(todo, progress=not args.no_progress),
+        data.DataError, TrainError, generate.SampleError, metrics.MetricError)
 
 
 if __name__ == "__main__":

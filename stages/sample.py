@@ -13,7 +13,7 @@ to finish writes the manifest."""
 from pathlib import Path
 
 from meanflow import config
-from stages import EXPERIMENT, copied, load, parser, run
+from stages import EXPERIMENT, job, parser, run
 
 
 def weights(path: str | None) -> str | None:
@@ -43,26 +43,27 @@ def main(argv=None):
     args = p.parse_args(argv)
     plain = args.num_shards == 1 and all(getattr(args, k) is None for k in (
         "nfe", "steps", "ckpt", "out", "n", "schedule", "seed", "omega", "t_min", "t_max"))
-    if plain and copied(p, lambda: [load(args)], args.params, ("sample",)):   # an earlier row's samples
+    nfe = list(args.nfe or [])
+    if args.schedule and len(args.schedule) - 1 not in nfe:
+        nfe.append(len(args.schedule) - 1)
+    given = " ".join(f"--{k} {v}" for k, v in vars(args).items()
+                     if k in ("steps", "ckpt", "n", "schedule", "seed", "nfe") and v is not None)
+    j = job(p, args, given, train={"steps": args.steps},
+            sample={"weights": weights(args.ckpt), "n": args.n, "seed": args.seed,
+                    "schedule": args.schedule, "nfe": nfe or None})
+    if plain and not j.adopt(("sample",)):   # an earlier row's samples
         return
     from meanflow import generate
     from meanflow.data import DataError
 
     def sample():
-        nfe = list(args.nfe or [])
-        if args.schedule and len(args.schedule) - 1 not in nfe:
-            nfe.append(len(args.schedule) - 1)
-        given = " ".join(f"--{k} {v}" for k, v in vars(args).items()
-                         if k in ("steps", "ckpt", "n", "schedule", "seed", "nfe") and v is not None)
-        cfg = load(args, given, train={"steps": args.steps},
-                   sample={"weights": weights(args.ckpt), "n": args.n, "seed": args.seed,
-                           "schedule": args.schedule, "nfe": nfe or None})
+        cfg = j.cfg
         g = {k: v for k, v in (("omega", args.omega), ("t_min", args.t_min), ("t_max", args.t_max)) if v is not None}
         if g:   # replaces sample.guidance whole: an NFE's own entry would otherwise win over "all"
             raw = config.deep_merge(cfg.raw, {})
             raw["sample"]["guidance"] = {"all": g}
             cfg = config.build(raw, cfg.tier, cfg.experiment, where=f"{args.params} with --omega/--t-min/--t-max {g}",
-                               name=cfg.name)   # sampling settings: the same run
+                               name=cfg.name, replicate=cfg.replicate)   # sampling settings: the same run
         return generate.generate(cfg, nfe or None, args.shard, args.num_shards, progress=not args.no_progress, root=args.out)
     run(p, sample, DataError, generate.SampleError, ValueError)
 

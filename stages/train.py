@@ -8,7 +8,7 @@ the last good checkpoint is kept), 75 pre-empted (SIGTERM or SIGUSR1: a checkpoi
 the end of the current step; run the same command again to resume, e.g. on SLURM requeue)."""
 
 from meanflow import layout
-from stages import EXPERIMENT, copied, load, parser, run
+from stages import EXPERIMENT, job, parser, run
 
 
 def main(argv=None):
@@ -17,13 +17,14 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
-    def cfg():
-        return load(args, f"--steps {args.steps}", train={"steps": args.steps})
-    if copied(p, lambda: [cfg()], args.params, ("train",)):
-        return print(layout.run(cfg()).train_manifest)
-    from meanflow import data, training
-    run(p, lambda: training.train(cfg(), progress=not args.no_progress),
-        data.DataError, training.TrainError)  # Preempted: its exit_code (75 or 130)
+    j = job(p, args, f"--steps {args.steps}", train={"steps": args.steps})
+    if not j.adopt(("train",)):   # an earlier row's run of the very same configuration
+        return print(layout.run(j.cfg).train_manifest)
+    from meanflow import data
+    from meanflow.training.loop import train
+    from meanflow.training.records import TrainError
+    run(p, lambda: train(j.cfg, progress=not args.no_progress),
+        data.DataError, TrainError)  # Preempted: its exit_code (75 or 130)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """EDM augmentation as py-meanflow configures it (meanflow.data.augment), the learning-rate warm-up
-(meanflow.lr), and a kill-free resume that stays bitwise identical with both on (tiny SongUNet)."""
+(meanflow.training.lr), and a kill-free resume that stays bitwise identical with both on (tiny SongUNet)."""
 import math
 
 import pytest
 import torch
 
 from data_fakes import digits_store
-from meanflow import config, training
+from meanflow import config
 from meanflow.data.augment import AUGMENT_DIM, augment
-from meanflow.lr import lr_at, total_steps
+from meanflow.training.checkpoint import checkpoints
+from meanflow.training.distributed import init_distributed
+from meanflow.training.loop import Loop, Preempted, Replica, train
+from meanflow.training.lr import lr_at, total_steps
 
 
 def images(n=4000, seed=0):
@@ -99,26 +102,26 @@ def unet_cfg(data_root, runs_root, **train):
 def test_resume_is_bitwise_identical_with_warmup_and_augmentation(digits, tmp_path):
     ref = unet_cfg(digits, tmp_path / "a")
     assert ref.run_id == unet_cfg(digits, tmp_path / "b").run_id
-    training.train(ref, progress=False)
+    train(ref, progress=False)
     cfg = unet_cfg(digits, tmp_path / "b")
-    tr = training.Trainer(cfg, training.init_distributed("cpu"), progress=False)
+    tr = Loop(Replica(cfg, init_distributed("cpu")), progress=False)
     tr.open()
     try:
-        rows = tr.rows(0)
-        assert rows.aug.shape == (8, AUGMENT_DIM) and (rows.aug[:, 0] == 1).any()
+        batch = tr.group.load(0)
+        assert batch.aug.shape == (8, AUGMENT_DIM) and (batch.aug[:, 0] == 1).any()
         for _ in range(4):
             tr.advance()
-        with pytest.raises(training.Preempted):
+        with pytest.raises(Preempted):
             tr.advance(stop_requested=True)  # checkpoint of step 5, mid warm-up
     finally:
         tr.close()
-    state = torch.load(training.checkpoints(cfg.run_dir)[-1][1] / "state.pt", weights_only=True)
+    state = torch.load(checkpoints(cfg.run_dir)[-1][1] / "state.pt", weights_only=True)
     assert state["step"] == 5 and state["optimizer"]["param_groups"][0]["lr"] == lr_at(4, 0.002, 6)
-    training.train(cfg, progress=False)  # resumes at step 5
+    train(cfg, progress=False)  # resumes at step 5
     a, b = ref.run_dir / "ema.safetensors", cfg.run_dir / "ema.safetensors"
     assert a.read_bytes() == b.read_bytes()
     # augmentation and warm-up change the weights (both are on the path the test checks)
     plain = config.build({**cfg.raw, "data": {**cfg.raw["data"], "augment": 0.0},
                           "train": {**cfg.raw["train"], "runs_root": str(tmp_path / "c")}}, tier="t")
-    training.train(plain, progress=False)
+    train(plain, progress=False)
     assert (plain.run_dir / "ema.safetensors").read_bytes() != a.read_bytes()

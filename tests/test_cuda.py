@@ -123,7 +123,7 @@ def test_inception_fid_on_cuda_equals_cpu(tmp_path):
 
 NCCL_SCRIPT = '''
 import torch, torch.distributed as dist
-from meanflow import distributed
+from meanflow.training import distributed
 d = distributed.init_distributed("cuda")  # the device torchrun's LOCAL_RANK names
 # one rank: the training makes no group (nothing to reduce); make the NCCL one it would make with more
 dist.init_process_group("nccl", device_id=d.device)

@@ -19,7 +19,9 @@ import torch
 import yaml
 
 from data_fakes import data_cfg, jpeg_bytes
-from meanflow import config, training
+from meanflow import config
+from meanflow.training.checkpoint import checkpoints
+from meanflow.training.loop import EXIT_INTERRUPTED
 from meanflow.data import acquire
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +62,7 @@ def project(tmp_path_factory):
         r = cli(mod, "--params", p, *(["--no-progress"] if mod != "encode" else []), cwd=w)
         assert r.returncode == 0, r.stderr
     run = config.load(p).run_dir   # relative: runs/t/<run id>
-    assert [s for s, _ in training.checkpoints(w / run)] == [4, 8, 12]
+    assert [s for s, _ in checkpoints(w / run)] == [4, 8, 12]
     return w, run
 
 
@@ -305,11 +307,11 @@ def test_sigint_checkpoints_and_exits_130(project, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "stages.train", "--params", params, "--no-progress"],
                          cwd=w, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
-    while not training.checkpoints(rd) and time.time() - t0 < 120 and p.poll() is None:
+    while not checkpoints(rd) and time.time() - t0 < 120 and p.poll() is None:
         time.sleep(0.01)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == training.EXIT_INTERRUPTED == 130, err
+    assert p.returncode == EXIT_INTERRUPTED == 130, err
     assert "Traceback" not in err and "interrupted: checkpoint of step" in err
     step = int(err.split("interrupted: checkpoint of step ")[1].split()[0])
-    assert training.checkpoints(rd)[-1][0] == step < 400 and not (rd / "ema.safetensors").exists()
+    assert checkpoints(rd)[-1][0] == step < 400 and not (rd / "ema.safetensors").exists()

@@ -11,9 +11,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from meanflow import batches, config, training
+from meanflow import config
+from meanflow.training import batches
+from meanflow.training.checkpoint import checkpoints
+from meanflow.training.distributed import Dist
+from meanflow.training.loop import Loop, Replica, train
 from meanflow.data import Store
-from meanflow.imf import IMF, build_objective
+from meanflow.objective import IMF, build_objective
 from meanflow.models.dit import DiT
 from meanflow.models.imf_dit import IMF_CONFIGS, IMF_PARAMS, IMFDiT, inference_params
 from meanflow.sampling import sample
@@ -108,9 +112,9 @@ def test_explicit_jvp_api_falls_back_for_the_imf_dit_and_runs_the_rules_on_a_pla
     """meanflow.jvp_api = explicit (params.yaml's default): the iMF DiT is not exactly the DiT, so
     its jvp runs forward_ad with a warning (the same loss bits); an iMF loss on a plain DiT (fixed
     guidance) takes the hand-derived tangent (dz, dt, dh) = (v, 1, 1), equal to forward_ad's."""
-    from meanflow import objective
     from meanflow.models import tangent
-    monkeypatch.setattr(objective, "_WARNED", set())   # warned once per type and process
+    from meanflow.objective import jvp
+    monkeypatch.setattr(jvp, "_WARNED", set())   # warned once per type and process
     net, a = tiny_net(), inputs()
     args = {k: a[k] for k in ("e", "t", "r", "drop", "omega", "t_min", "t_max")}
     ref = IMF(mf_cfg(), K)(net, a["x"], a["y"], **args).loss
@@ -251,8 +255,8 @@ def test_imf_rows_do_not_depend_on_world_size(data_root):
     cfg = config.load(write_params(data_root / "imf.yaml", data_root, data_root / "runs"))
     store, obj = Store.from_config(cfg), build_objective(cfg.meanflow, 10)
     sampler = batches.EpochSampler(len(store), 0)
-    one = batches.load_rows(store, sampler, obj, 3, 24, 0, 1, 0, "cpu")
-    two = [batches.load_rows(store, sampler, obj, 3, 24, r, 2, 0, "cpu") for r in range(2)]
+    one = batches.load_batch(store, sampler, obj, 3, 24, 0, 1, 0, "cpu")
+    two = [batches.load_batch(store, sampler, obj, 3, 24, r, 2, 0, "cpu") for r in range(2)]
     for k in ("omega", "t_min", "t_max"):
         assert torch.equal(torch.cat([p.cond[k] for p in two]), one.cond[k])
     assert (one.t != one.r).sum() == 12 and len(set(one.cond["omega"].tolist())) == 24
@@ -260,17 +264,17 @@ def test_imf_rows_do_not_depend_on_world_size(data_root):
 
 def test_imf_resume_is_bitwise_identical(data_root, tmp_path):
     ref = config.load(write_params(tmp_path / "a.yaml", data_root, tmp_path / "a"))
-    training.train(ref, progress=False)
+    train(ref, progress=False)
     cfg = config.load(write_params(tmp_path / "b.yaml", data_root, tmp_path / "b"))
-    tr = training.Trainer(cfg, training.Dist(0, 1, torch.device("cpu")), progress=False)
+    tr = Loop(Replica(cfg, Dist(0, 1, torch.device("cpu"))), progress=False)
     tr.open()
     try:
         while tr.k < 6:   # a checkpoint at 4, then two steps that are lost as in a kill
             tr.advance()
     finally:
         tr.close()
-    assert [s for s, _ in training.checkpoints(cfg.run_dir)] == [4]
-    training.train(cfg, progress=False)
+    assert [s for s, _ in checkpoints(cfg.run_dir)] == [4]
+    train(cfg, progress=False)
     import test_train
     old, test_train.STEPS = test_train.STEPS, 12
     try:
@@ -290,10 +294,10 @@ def test_imf_two_gloo_processes_equal_one(data_root, tmp_path):
                        timeout=300)
     assert p.returncode == 0, log.read_text()
     cfg = config.load(one)
-    training.train(cfg, progress=False)
+    train(cfg, progress=False)
     a, b = cfg.run_dir, config.load(two).run_dir
     assert a.name == b.name
-    init = training.Trainer(cfg, training.Dist(0, 1, torch.device("cpu")), progress=False).net.state_dict()
+    init = Replica(cfg, Dist(0, 1, torch.device("cpu"))).net.state_dict()
     for f in ("model.safetensors", "ema.safetensors"):
         wa, wb = (load_file(d / "checkpoints" / "step-00000003" / f) for d in (a, b))
         for k in wa:

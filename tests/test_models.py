@@ -9,7 +9,7 @@ from meanflow.models import DIT_CONFIGS, build_model
 from meanflow.models import dit as dit_module
 from meanflow.models.attention import JVPAttention, attention, math_attention
 from meanflow.models.dit import DiT
-from meanflow.training import EMA
+from meanflow.training.step import EMA
 
 
 def qkv(dtype, seed=0, shape=(2, 3, 17, 16)):

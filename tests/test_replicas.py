@@ -1,4 +1,4 @@
-"""Stacked replicas (meanflow/replicas.py, models.tangent.StackedDiT): the stacked pass equals each
+"""Stacked replicas (meanflow/training/stacked.py, models.tangent.StackedDiT): the stacked pass equals each
 DiT's own forward, jvp and gradients; replica i trained stacked equals seed i trained alone (float
 tolerance); a stacked run stopped and resumed is bitwise the uninterrupted one; a grouped row's
 Snakemake job writes every replica's outputs."""
@@ -11,7 +11,10 @@ import yaml
 from safetensors.torch import load_file
 
 from data_fakes import digits_store
-from meanflow import config, layout, plan, replicas, training
+from meanflow import config, layout, plan
+from meanflow.training.stacked import why_not_stacked
+from meanflow.training.checkpoint import checkpoints
+from meanflow.training.loop import Loop, Preempted, train
 from meanflow.models.dit import DiT
 from meanflow.models.tangent import StackedDiT, dit_jvp
 
@@ -52,7 +55,7 @@ def test_stacked_pass_equals_each_dit(dtype):
     rows = (torch.arange(R)[:, None] * n + pos).flatten()
     dz, dh = torch.randn(len(rows), 1, 8, 8, generator=g, dtype=dtype), torch.rand(len(rows), generator=g, dtype=dtype)
     dt = torch.ones(len(rows), dtype=dtype)
-    u, du = dit_jvp(S, (z, t, h), (dz, dt, dh), y, rows=rows)
+    u, du = dit_jvp(S, (z, t, h), (dz, dt, dh), y, jvp_rows=rows)
     m = len(pos)
     du_ref = torch.cat([torch.func.jvp(lambda a, b, c: nets[i](a, b, c, y[rows[i * m:(i + 1) * m]]),
                                        tuple(x[rows[i * m:(i + 1) * m]] for x in (z, t, h)),
@@ -67,7 +70,7 @@ def test_stacked_pass_equals_each_dit(dtype):
         assert rel(flat(x[i] for x in grads), flat(own)) < tol
         assert all(torch.equal(S.replica(i)[k], v) for k, v in nets[i].state_dict().items())
     with pytest.raises(ValueError, match="same positions"):
-        dit_jvp(S, (z, t, h), (dz[:4], dt[:4], dh[:4]), y, rows=torch.tensor([0, 1, n, n + 2]))
+        dit_jvp(S, (z, t, h), (dz[:4], dt[:4], dh[:4]), y, jvp_rows=torch.tensor([0, 1, n, n + 2]))
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +102,17 @@ def test_replica_trained_stacked_equals_its_seed_trained_alone(data_root, tmp_pa
     mf = {"omega": 1.5, "kappa": 0.3} if guided else {}
     stacked = replica_cfgs(params(tmp_path / "a.yaml", data_root, tmp_path / "a", **mf))
     alone = replica_cfgs(params(tmp_path / "b.yaml", data_root, tmp_path / "b", **mf))
-    assert replicas.why_not_stacked(stacked[0]) is None
+    assert why_not_stacked(stacked[0]) is None
     calls = []
-    orig = replicas.StackedTrainer.advance
-    replicas.StackedTrainer.advance = lambda self, *a: calls.append(self.R) or orig(self, *a)
+    orig = Loop.advance
+    Loop.advance = lambda self, *a: calls.append(self.R) or orig(self, *a)
     try:
-        replicas.train_replicas(stacked, progress=False)
+        train(*stacked, progress=False)
     finally:
-        replicas.StackedTrainer.advance = orig
+        Loop.advance = orig
     assert calls == [3] * STEPS  # trained stacked, not one by one
     for c in alone:
-        training.train(c, progress=False)
+        train(c, progress=False)
     for a, b in zip(stacked, alone):
         assert a.run_id == b.run_id
         ea, eb = (load_file(layout.run(c).ema) for c in (a, b))
@@ -122,23 +125,23 @@ def test_replica_trained_stacked_equals_its_seed_trained_alone(data_root, tmp_pa
 
 def test_stacked_run_stopped_then_resumed_is_bitwise_the_uninterrupted_one(data_root, tmp_path, monkeypatch):
     ref = replica_cfgs(params(tmp_path / "r.yaml", data_root, tmp_path / "r"))
-    replicas.train_replicas(ref, progress=False)
+    train(*ref, progress=False)
     cut = replica_cfgs(params(tmp_path / "c.yaml", data_root, tmp_path / "c"))
-    orig = replicas.StackedTrainer.advance
+    orig = Loop.advance
 
     def stop_at_10(self, stop_requested=False, signum=None):
         return orig(self, stop_requested or self.k == 9, signum)   # a SIGTERM during step 10
-    monkeypatch.setattr(replicas.StackedTrainer, "advance", stop_at_10)
-    with pytest.raises(training.Preempted):
-        replicas.train_replicas(cut, progress=False)
-    assert all(training.checkpoints(layout.run(c).root)[-1][0] == 10 for c in cut)
+    monkeypatch.setattr(Loop, "advance", stop_at_10)
+    with pytest.raises(Preempted):
+        train(*cut, progress=False)
+    assert all(checkpoints(layout.run(c).root)[-1][0] == 10 for c in cut)
     assert not any(layout.run(c).ema.exists() for c in cut)
-    monkeypatch.setattr(replicas.StackedTrainer, "advance", orig)
-    replicas.train_replicas(cut, progress=False)
+    monkeypatch.setattr(Loop, "advance", orig)
+    train(*cut, progress=False)
     for a, b in zip(ref, cut):
         ra, rb = layout.run(a).root, layout.run(b).root
         assert (ra / "ema.safetensors").read_bytes() == (rb / "ema.safetensors").read_bytes()
-        (sa, ca), (sb, cb) = training.checkpoints(ra)[-1], training.checkpoints(rb)[-1]
+        (sa, ca), (sb, cb) = checkpoints(ra)[-1], checkpoints(rb)[-1]
         assert sa == sb == STEPS and (ca / "model.safetensors").read_bytes() == (cb / "model.safetensors").read_bytes()
         oa = torch.load(ca / "state.pt", weights_only=True)["optimizer"]["state"]
         ob = torch.load(cb / "state.pt", weights_only=True)["optimizer"]["state"]
@@ -147,7 +150,7 @@ def test_stacked_run_stopped_then_resumed_is_bitwise_the_uninterrupted_one(data_
 
 def test_rows_that_cannot_stack_train_one_by_one(data_root, tmp_path):
     cfgs = replica_cfgs(params(tmp_path / "f.yaml", data_root, tmp_path / "f", jvp_api="forward_ad"))
-    assert "explicit" in replicas.why_not_stacked(cfgs[0])
-    replicas.train_replicas(cfgs[:2], progress=False)
+    assert "explicit" in why_not_stacked(cfgs[0])
+    train(*cfgs[:2], progress=False)
     assert all(layout.run(c).ema.exists() for c in cfgs[:2])
     shutil.rmtree(tmp_path / "f")

@@ -59,3 +59,45 @@ def test_modules_open_with_a_docstring_and_stay_small():
     for m, f in MODULES.items():
         assert ast.get_docstring(ast.parse(f.read_text())), f"{f}: no opening docstring"
         assert len(f.read_text().splitlines()) <= 440, f"{f}: over ~400 lines"
+
+
+def reach(start: str) -> set[str]:
+    """Every meanflow module `start` imports, directly or through others (lazy imports included)."""
+    graph, seen, todo = {m: imports(m, f) for m, f in MODULES.items()}, set(), [start]
+    while todo:
+        for w in graph[todo.pop()] - seen:
+            seen.add(w)
+            todo.append(w)
+    return seen
+
+
+def test_training_and_the_objectives_never_import_the_pipeline_plan():
+    """A job resolves its configs once (stages/__init__.job builds the plan); below it, the library
+    that trains takes configs and never resolves them again."""
+    for m in MODULES:
+        if m.startswith(("meanflow.training", "meanflow.objective")):
+            assert not reach(m) & {"meanflow.plan", "meanflow.reuse"}, m
+
+
+def test_config_sections_are_the_schema_keys():
+    """meanflow/sections.py's fields (what grep and editors find) are the schema's keys, in order,
+    with the schema's types: a key added to one and not the other fails here."""
+    import dataclasses
+    import types
+    import typing
+
+    from meanflow import config, sections
+    py = {"integer": int, "number": float, "boolean": bool, "string": str, "array": tuple, "object": dict}
+    for name in config.SECTIONS:
+        cls, props = sections.SECTIONS[name], config.schema()["$defs"][name]["properties"]
+        assert [f.name for f in dataclasses.fields(cls)] == list(props), name
+        hints = typing.get_type_hints(cls)
+        for key, p in props.items():
+            t = p.get("type", "string" if "enum" in p else "object")
+            want = {py[x] if x != "null" else type(None) for x in ([t] if isinstance(t, str) else t)}
+            h = hints[key]
+            members = typing.get_args(h) if isinstance(h, types.UnionType) else (h,)
+            got = {typing.get_origin(a) or a for a in members}
+            assert got == want, f"{name}.{key}: {hints[key]} vs schema type {t}"
+        cfg = config.build({})
+        assert type(getattr(cfg, name)) is cls

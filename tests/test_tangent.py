@@ -89,12 +89,12 @@ def test_explicit_tangent_under_grad_mode_carries_the_primal_gradient_only(dtype
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows", [slice(2, 5), torch.tensor([0, 3, 4])])
 def test_tangent_of_some_rows_inside_the_gradient_forward(rows, dtype):
-    """dit_jvp(rows=...): u over every row with the plain forward's graph, du for the given rows only
+    """dit_jvp(jvp_rows=...): u over every row with the plain forward's graph, du for the given rows only
     (a slice: the front layout's last rows; indices: the random layout), equal to torch.func.jvp on them."""
     net = make_dit("wide", "t,r,t-r", 5, dtype)
     (z, t, h), (dz, dt, dh), y = inputs(net, dtype=dtype)
     idx = torch.arange(len(z))[rows]
-    u, du = dit_jvp(net, (z, t, h), (dz[idx], dt[idx], dh[idx]), y, rows=rows)
+    u, du = dit_jvp(net, (z, t, h), (dz[idx], dt[idx], dh[idx]), y, jvp_rows=rows)
     assert u.requires_grad and not du.requires_grad and len(du) == len(idx) < len(u)
     _, du_ref = torch.func.jvp(lambda a, b, c: net(a, b, c, y[idx]), (z[idx], t[idx], h[idx]), (dz[idx], dt[idx], dh[idx]))
     assert rel(du, du_ref) < TOL[dtype]

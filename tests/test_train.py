@@ -17,7 +17,12 @@ import yaml
 from safetensors.torch import load_file
 
 from data_fakes import data_cfg
-from meanflow import batches, config, training
+from meanflow import config
+from meanflow.training import batches
+from meanflow.training.checkpoint import checkpoints
+from meanflow.training.distributed import Dist
+from meanflow.training.loop import EXIT_PREEMPTED, Replica, train
+from meanflow.training.records import NonFiniteLoss
 from meanflow.data import Store, acquire, encode
 from meanflow.objective import MeanFlow
 
@@ -77,7 +82,7 @@ def finish(params: Path, log: Path) -> str:
 
 def assert_same_run(a: Path, b: Path):
     """Bitwise: final EMA, the last checkpoint's weights and optimizer state."""
-    (sa, ca), (sb, cb) = training.checkpoints(a)[-1], training.checkpoints(b)[-1]
+    (sa, ca), (sb, cb) = checkpoints(a)[-1], checkpoints(b)[-1]
     assert sa == sb == STEPS
     for fa, fb in ((a / "ema.safetensors", b / "ema.safetensors"), (ca / "model.safetensors", cb / "model.safetensors")):
         ta, tb = load_file(fa), load_file(fb)
@@ -104,7 +109,7 @@ def test_rows_do_not_depend_on_world_size(data_root):
     store, obj = Store.from_config(cfg), MeanFlow(cfg.meanflow, 10)
     sampler = batches.EpochSampler(len(store), 0)
     for step in (0, 74):  # 74: the batch straddles two epochs (1797 images, batch 24)
-        parts = {w: [batches.load_rows(store, sampler, obj, step, 24, r, w, 0, "cpu") for r in range(w)]
+        parts = {w: [batches.load_batch(store, sampler, obj, step, 24, r, w, 0, "cpu") for r in range(w)]
                  for w in (1, 2, 3, 4)}
         for w, rows in parts.items():
             for f in ("x", "y", "e", "t", "r", "drop"):
@@ -123,7 +128,7 @@ def test_kill9_then_resume_is_bitwise_identical(data_root, reference, tmp_path):
     params = write_params(tmp_path / "params.yaml", data_root, tmp_path / "runs")
     rd = run_dir(params)
     p = cli(params, tmp_path / "log1.txt")
-    wait_until(lambda: training.checkpoints(rd), p, tmp_path / "log1.txt")
+    wait_until(lambda: checkpoints(rd), p, tmp_path / "log1.txt")
     p.send_signal(signal.SIGKILL)
     assert p.wait() == -signal.SIGKILL
     assert not (rd / "ema.safetensors").exists() and not (rd / "train_manifest.json").exists()
@@ -132,7 +137,7 @@ def test_kill9_then_resume_is_bitwise_identical(data_root, reference, tmp_path):
     assert "resuming run" in out
     assert_same_run(rd, reference)
     assert not list((rd / "checkpoints").glob(".tmp-*"))
-    assert [s for s, _ in training.checkpoints(rd)] == [STEPS - CKPT, STEPS]  # keep_ckpts = 2
+    assert [s for s, _ in checkpoints(rd)] == [STEPS - CKPT, STEPS]  # keep_ckpts = 2
     # metrics: one row per log step, none twice although steps after the checkpoint ran twice
     tsv = (rd / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").read_text().split()
     assert [int(s) for s in tsv[2::2]] == list(range(5, STEPS + 1, 5))
@@ -146,11 +151,11 @@ def test_sigterm_checkpoints_and_exits_75(data_root, reference, tmp_path):
     rd = run_dir(params)
     log = tmp_path / "log1.txt"
     p = cli(params, log)
-    wait_until(lambda: training.checkpoints(rd), p, log)
+    wait_until(lambda: checkpoints(rd), p, log)
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=120) == training.EXIT_PREEMPTED == 75, log.read_text()
+    assert p.wait(timeout=120) == EXIT_PREEMPTED == 75, log.read_text()
     step = int(re.search(r"pre-empted: checkpoint of step (\d+)", log.read_text()).group(1))
-    assert CKPT <= step < STEPS and training.checkpoints(rd)[-1][0] == step
+    assert CKPT <= step < STEPS and checkpoints(rd)[-1][0] == step
     assert not (rd / "ema.safetensors").exists()
     finish(params, tmp_path / "log2.txt")
     assert_same_run(rd, reference)
@@ -168,14 +173,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, reference, tmp
         return out
 
     monkeypatch.setattr(MeanFlow, "__call__", poisoned)
-    with pytest.raises(training.NonFiniteLoss, match=rf"non-finite loss at step {CKPT + 3}: loss = nan.*step-{CKPT:08d}"):
-        training.train(cfg, progress=False)
-    assert [s for s, _ in training.checkpoints(cfg.run_dir)] == [CKPT]
+    with pytest.raises(NonFiniteLoss, match=rf"non-finite loss at step {CKPT + 3}: loss = nan.*step-{CKPT:08d}"):
+        train(cfg, progress=False)
+    assert [s for s, _ in checkpoints(cfg.run_dir)] == [CKPT]
     assert not (cfg.run_dir / "ema.safetensors").exists()
     for f in ("model.safetensors", "ema.safetensors"):
         assert all(t.isfinite().all() for t in load_file(cfg.run_dir / "checkpoints" / f"step-{CKPT:08d}" / f).values())
     monkeypatch.undo()  # the good checkpoint resumes into the uninterrupted run
-    training.train(cfg, progress=False)
+    train(cfg, progress=False)
     assert_same_run(cfg.run_dir, reference)
 
 
@@ -198,7 +203,7 @@ def test_two_gloo_processes_equal_one(data_root, tmp_path):
                        timeout=300)
     assert p.returncode == 0, log.read_text()
     cfg = config.load(one)
-    training.train(cfg, progress=False)
+    train(cfg, progress=False)
     a, b = cfg.run_dir, run_dir(two)
     assert a.name == b.name
     m = yaml.safe_load((b / "train_manifest.json").read_text())
@@ -207,5 +212,5 @@ def test_two_gloo_processes_equal_one(data_root, tmp_path):
         wa, wb = (load_file(d / "checkpoints" / "step-00000004" / f) for d in (a, b))
         for k in wa:
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=f"{f} {k}")
-    init = training.Trainer(cfg, training.Dist(0, 1, torch.device("cpu")), progress=False).net.state_dict()
+    init = Replica(cfg, Dist(0, 1, torch.device("cpu"))).net.state_dict()
     assert any(not torch.equal(init[k], wa[k]) for k in wa if k in init)  # 4 steps did move the weights

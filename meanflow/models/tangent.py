@@ -13,14 +13,15 @@ Rules, for a primal x with tangent dx:
 
 Under grad mode the primal carries gradients (attention through fused SDPA) and the tangent is
 computed without a graph, as the target is a stop-gradient anyway; under no_grad primal and tangent
-share each matmul. `rows` gives the tangent to some rows only: the training step runs one gradient
-forward over the whole batch carrying the tangent of its r != t rows (objective.u_and_target), instead
-of a second pass over those rows. Without tangents the pass is the plain forward.
+share each matmul. `jvp_rows` gives the tangent to some examples only: the training step runs one
+gradient forward over the whole batch carrying the tangent of its r != t examples
+(objective/meanflow.py's u_and_target), instead of a second pass over them. Without tangents the
+pass is the plain forward.
 
 `StackedDiT`: R DiTs of one architecture as one module, every trainable parameter with a leading
-replica axis, so R seeds train in one pass of batched matmuls (training.StackedTrainer): on CPU a
+replica axis, so R seeds train in one pass of batched matmuls (training/stacked.py): on CPU a
 tiny DiT's step is bound by per-op overhead, which R replicas then pay once. Rows of all replicas
-are concatenated replica-major (R * n rows); a replica's rows meet only its own weights.
+are concatenated replica-major (R * n examples); a replica's examples meet only its own weights.
 
 Only the exact `DiT` class and `StackedDiT` are covered (`supports`); other backbones keep the
 generic forward-mode AD.
@@ -59,21 +60,21 @@ def _nograd():
 
 
 class _Pair:
-    """The rules, for a tangent carried by the primal rows `rows` (None: every row) or no tangent
-    (`tangent` False: the plain forward). For a StackedDiT (`stacked`) every tensor has a leading
-    replica axis and rows index the batch axis behind it."""
+    """The rules, for a tangent carried by the primal examples `jvp_rows` (None: every one) or no
+    tangent (`tangent` False: the plain forward). For a StackedDiT (`stacked`) every tensor has a
+    leading replica axis and jvp_rows index the batch axis behind it."""
 
-    def __init__(self, rows, tangent: bool = True, stacked: bool = False):
-        self.rows, self.tangent, self.stacked = rows, tangent, stacked
+    def __init__(self, jvp_rows, tangent: bool = True, stacked: bool = False):
+        self.jvp_rows, self.tangent, self.stacked = jvp_rows, tangent, stacked
         self.bdim = 1 if stacked else 0
-        # primal and tangent stacked in one matmul: only without a graph and with one tangent per row
-        self.stack = tangent and rows is None and not torch.is_grad_enabled()
+        # primal and tangent stacked in one matmul: only without a graph and with one tangent per example
+        self.stack = tangent and jvp_rows is None and not torch.is_grad_enabled()
 
     def at(self, a):
-        """The primal rows the tangent belongs to (a view for a slice)."""
-        if self.rows is None:
+        """The primal examples the tangent belongs to (a view for a slice)."""
+        if self.jvp_rows is None:
             return a
-        return a[:, self.rows] if self.stacked else a[self.rows]
+        return a[:, self.jvp_rows] if self.stacked else a[self.jvp_rows]
 
     @staticmethod
     def _lin(x, w, b=None):
@@ -232,23 +233,23 @@ class _Pair:
         return x.flatten(2).transpose(1, 2), dx.flatten(2).transpose(1, 2)
 
 
-def dit_jvp(net: DiT, primals, tangents, y=None, rows=None):
+def dit_jvp(net: DiT, primals, tangents, y=None, jvp_rows=None):
     """(u, du) = (net(z, t, h, y), its derivative along (dz, dt, dh)) for primals (z, t, h) with
-    h = t - r and tangents (dz, dt, dh); the label y has no tangent. With `rows` (a slice or an index
-    tensor), the tangents belong to the primal rows `rows` and du has len(tangents) rows.
-    tangents None: (u, None), the plain forward. For a StackedDiT the rows are R * n replica-major
-    and `rows` are global indices at the same positions in every replica."""
+    h = t - r and tangents (dz, dt, dh); the label y has no tangent. With `jvp_rows` (a slice or an
+    index tensor of the batch), the tangents belong to those primal examples and du has
+    len(tangents) of them. tangents None: (u, None), the plain forward. For a StackedDiT the batch
+    is R * n replica-major and `jvp_rows` are global indices at the same positions in every replica."""
     z, t, h = primals
     dz, dt, dh = tangents if tangents is not None else (None, None, None)
     R = getattr(net, "replicas", 0)
-    if R:  # (R * n, ...) -> (R, n, ...); rows -> their positions within a replica
+    if R:  # (R * n, ...) -> (R, n, ...); jvp_rows -> their positions within a replica
         n = len(z) // R
         z, t, h = z.unflatten(0, (R, n)), t.unflatten(0, (R, n)), h.unflatten(0, (R, n))
         y = None if y is None else y.unflatten(0, (R, n))
-        rows = None if rows is None else _local(rows, R, n)
+        jvp_rows = None if jvp_rows is None else _local(jvp_rows, R, n)
         if tangents is not None:
             dz, dt, dh = (a.unflatten(0, (R, -1)) for a in (dz, dt, dh))
-    P = _Pair(rows, tangents is not None, stacked=R > 0)
+    P = _Pair(jvp_rows, tangents is not None, stacked=R > 0)
     x, dx = P.patch_embed(net.x_embedder, z, dz)
     x = x + net.pos_embed.to(z.dtype)
     c, dc = P.embed_times(net.t_embedder, t, h, dt, dh)
@@ -268,19 +269,19 @@ def dit_jvp(net: DiT, primals, tangents, y=None, rows=None):
 
 
 def as_slice(idx: torch.Tensor):
-    """A run of consecutive row indices as a slice (views, no gather: the official front layout puts
-    the r != t rows last), else the indices."""
+    """A run of consecutive batch indices as a slice (views, no gather: the official front layout
+    puts the r != t examples last), else the indices."""
     a, b = int(idx[0]), int(idx[-1])
     return slice(a, b + 1) if b - a + 1 == len(idx) else idx
 
 
-def _local(rows, R: int, n: int):
-    """Global row indices at the same positions in each of R replicas of n rows -> those positions
-    (a slice when consecutive, as the front layout's are)."""
-    idx = torch.arange(R * n)[rows] if isinstance(rows, slice) else rows
+def _local(jvp_rows, R: int, n: int):
+    """Global batch indices at the same positions in each of R replicas of n examples -> those
+    positions (a slice when consecutive, as the front layout's are)."""
+    idx = torch.arange(R * n)[jvp_rows] if isinstance(jvp_rows, slice) else jvp_rows
     local = idx.view(R, -1) - torch.arange(R, device=idx.device)[:, None] * n if len(idx) % R == 0 else None
     if local is None or not (local == local[0]).all():
-        raise ValueError("stacked replicas: the tangent rows must sit at the same positions in every replica")
+        raise ValueError("stacked replicas: the tangent examples must sit at the same positions in every replica")
     return as_slice(local[0])
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import runtime
+from .. import runtime
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""What each rank trains on at each step: the store rows of the step's global batch (per-epoch
+"""What each rank trains on at each step: the store examples of the step's global batch (per-epoch
 permutations) and the objective's draws (t, r, noise, label drop; iMF's guidance conditions), all
-from generators seeded by (train.seed, purpose, step), so a row holds the same values whatever the
-world size and a resumed run draws what an uninterrupted one draws."""
+from generators seeded by (train.seed, purpose, step), so an example holds the same values whatever
+the world size and a resumed run draws what an uninterrupted one draws."""
 from __future__ import annotations
 
 import functools
@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data.augment import augment as augment_images
-from .runtime import generator
+from ..data.augment import augment as augment_images
+from ..runtime import generator
 
-DATA_CHUNK = 16       # rows of the global batch that share one store generator (world-size independent)
+DATA_CHUNK = 16       # examples of the global batch that share one store generator (world-size independent)
 
 
 class EpochSampler:
@@ -43,36 +43,36 @@ class EpochSampler:
 
 @functools.cache
 def _spread(n: int) -> torch.Tensor:
-    """Fixed row order for the (t, r, drop) draws. The official layout puts the r = t and
-    label-dropped rows at the front of the batch; in this order every contiguous block (a rank's
-    slice) gets its share of them (golden-ratio sequence), so ranks do balanced jvp work."""
+    """Fixed order of the global batch for the (t, r, drop) draws. The official layout puts the
+    r = t and label-dropped examples at the front of the batch; in this order every contiguous block
+    (a rank's slice) gets its share of them (golden-ratio sequence), so ranks do balanced jvp work."""
     return torch.frac(torch.arange(n, dtype=torch.float64) * 0.6180339887498949).argsort().argsort()
 
 
 @dataclass
-class Rows:
-    """One rank's rows of a step's global batch, with the objective's draws for them."""
+class Batch:
+    """One rank's share of a step's global batch, with the objective's draws for it."""
     x: torch.Tensor
     y: torch.Tensor | None
     e: torch.Tensor
     t: torch.Tensor
     r: torch.Tensor
     drop: torch.Tensor
-    cond: dict | None = None   # iMF: omega, t_min, t_max per row
+    cond: dict | None = None   # iMF: omega, t_min, t_max per example
     aug: torch.Tensor | None = None   # EDM augmentation labels (data.augment > 0)
 
     def draws(self) -> dict:
-        """The objective's keyword draws for these rows (training.step's `draws`)."""
+        """The objective's keyword draws for this batch (step.step's `draws`)."""
         aug = {} if self.aug is None else {"aug": self.aug}   # only for objectives of augmented runs
         return {"e": self.e, "t": self.t, "r": self.r, "drop": self.drop, **(self.cond or {}), **aug}
 
 
-def load_rows(store, sampler, objective, step: int, batch: int, rank: int, world: int, seed: int,
-              device, conditional: bool = True, augment: float = 0.0) -> Rows:
-    """Rows [rank*B/W, (rank+1)*B/W) of step `step`'s global batch. The store's draws (flip,
-    posterior noise) come from one generator per DATA_CHUNK rows of the global batch and the
-    objective's (t, r, noise, label drop) are drawn for the whole batch, so a row holds the same
-    values whatever the world size. With `augment` > 0 (data.augment) each chunk is augmented
+def load_batch(store, sampler, objective, step: int, batch: int, rank: int, world: int, seed: int,
+               device, conditional: bool = True, augment: float = 0.0) -> Batch:
+    """Examples [rank*B/W, (rank+1)*B/W) of step `step`'s global batch. The store's draws (flip,
+    posterior noise) come from one generator per DATA_CHUNK examples of the global batch and the
+    objective's (t, r, noise, label drop) are drawn for the whole batch, so an example holds the
+    same values whatever the world size. With `augment` > 0 (data.augment) each chunk is augmented
     (data/augment.py) from its own generator (train.seed, "augment", step, chunk)."""
     lo, hi = rank * batch // world, (rank + 1) * batch // world
     idx = sampler.indices(step, batch)
@@ -90,8 +90,8 @@ def load_rows(store, sampler, objective, step: int, batch: int, rank: int, world
     t, r = objective.sample_t_r(batch, g, device)
     e = torch.randn((batch, *store.shape), generator=g, device=device)
     drop = objective.sample_drop(batch, g, device)
-    cond = objective.sample_conditions(t, r, g) if hasattr(objective, "sample_conditions") else None  # iMF
+    cond = objective.sample_conditions(t, r, g)   # iMF's omega, t_min, t_max; none for MeanFlow
     order = _spread(batch).to(device)
-    return Rows(torch.cat(xs), torch.cat(ys) if conditional else None, e[lo:hi],
+    return Batch(torch.cat(xs), torch.cat(ys) if conditional else None, e[lo:hi],
                 t[order][lo:hi], r[order][lo:hi], drop[order][lo:hi],
                 cond and {k: a[order][lo:hi] for k, a in cond.items()}, torch.cat(augs) if augs else None)

@@ -12,11 +12,12 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from ..layout import CKPT_DIR
 
-from .layout import CKPT_DIR
+if TYPE_CHECKING:   # torch is imported where it is used: checkpoints() and run identity stay torch-free
+    from torch import nn
 
 log = logging.getLogger(__name__)
 HASHES = "hashes.json"
@@ -46,6 +47,7 @@ def _fsync(path: Path):
 
 def save_checkpoint(run_dir: Path, step: int, net: nn.Module, ema, opt, extra: dict, keep: int) -> Path:
     """Write checkpoints/step-N atomically (temp dir, fsync, rename), then drop all but the last `keep`."""
+    import torch
     from safetensors.torch import save_model
     root = Path(run_dir) / CKPT_DIR
     final = root / f"step-{step:08d}"
@@ -61,7 +63,7 @@ def save_checkpoint(run_dir: Path, step: int, net: nn.Module, ema, opt, extra: d
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng, **extra}, tmp / "state.pt")
-    from .manifest import file_hash
+    from ..manifest import file_hash
     hashes = {f.name: file_hash(f) for f in sorted(tmp.iterdir())}
     (tmp / HASHES).write_text(json.dumps(hashes, indent=1) + "\n")
     for f in tmp.iterdir():
@@ -75,10 +77,11 @@ def save_checkpoint(run_dir: Path, step: int, net: nn.Module, ema, opt, extra: d
 
 def load_checkpoint(path: Path, net: nn.Module, ema, opt, device) -> dict:
     """Restore weights, EMA, optimizer and RNG from a checkpoint dir; returns its state dict."""
+    import torch
     from safetensors.torch import load_model
     load_model(net, path / "model.safetensors", device=str(device))
     load_model(ema.net, path / "ema.safetensors", device=str(device))
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    state = read_state(path)
     opt.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
     torch.set_rng_state(state["rng"]["cpu"])
     if "cuda" in state["rng"] and torch.cuda.is_available() and len(state["rng"]["cuda"]) == torch.cuda.device_count():
@@ -86,9 +89,15 @@ def load_checkpoint(path: Path, net: nn.Module, ema, opt, device) -> dict:
     return state
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.pt (step, optimiser, RNG, run id), loaded with weights_only=True."""
+    import torch
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+
 def damage(path: Path) -> str | None:
     """What is wrong with checkpoint dir `path` (None: every file has its recorded sha256)."""
-    from .manifest import file_hash
+    from ..manifest import file_hash
     try:
         hashes = json.loads((path / HASHES).read_text())
     except FileNotFoundError:
@@ -146,7 +155,7 @@ def save_final_ema(path: Path, ema_net: nn.Module, meta: dict) -> Path:
     order, varying the bytes per process) and no params hash (it covers paths and cadences;
     train_manifest.json has it): equal weights, equal bytes."""
     from safetensors.torch import save_model
-    from .manifest import tmp_path
+    from ..manifest import tmp_path
     tmp = tmp_path(path)
     save_model(ema_net, str(tmp), {"meanflow": json.dumps(meta)})
     _fsync(tmp)

@@ -207,6 +207,24 @@ def test_omega_law_and_interval_draws():
     assert c["omega"].tolist() == [2.5] * 5 and torch.allclose(c["t_min"], torch.full((5,), 0.1))
 
 
+def test_label_drop_is_the_official_front_layout_shared_with_meanflow():
+    """The official iMF cond_drop: num_drop = sum(rand < p), then the first num_drop examples, which
+    all have r = t (data_proportion 0.5 puts the r = t examples first). The very draw MeanFlow makes."""
+    from meanflow.objective import MeanFlow
+    obj = IMF(mf_cfg(), K)
+    g = torch.Generator().manual_seed(3)
+    t, r = obj.sample_t_r(4096, g)
+    drop = obj.sample_drop(4096, g)
+    k = int(drop.sum())
+    assert abs(k / 4096 - 0.1) < 0.02 and drop[:k].all() and not drop[k:].any()
+    assert (t[drop] == r[drop]).all()
+    g2 = torch.Generator().manual_seed(3)
+    obj.sample_t_r(4096, g2)
+    assert torch.equal(MeanFlow(mf_cfg(), K).sample_drop(4096, g2), drop)
+    rand = IMF(mf_cfg(mask_layout="random"), K).sample_drop(4096, torch.Generator().manual_seed(4))
+    assert abs(float(rand.float().mean()) - 0.1) < 0.02 and not rand[:int(rand.sum())].all()
+
+
 def test_sampling_at_omega_1_is_unguided():
     net = tiny_net().float()
     e = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(2))

@@ -11,7 +11,9 @@ an auxiliary v-head trained with its own v-loss. Guidance is a condition of the 
 
 omega per example from the power law on [1, 1 + s_max] (cfg_beta), t_min ~ U[0, 0.5], t_max ~
 U[0.5, 1] (examples with r = t: [0, 1], as in the official code), or fixed (meanflow.omega, t_start,
-t_end) when the network does not see them. Label-dropped examples get the null class and target v.
+t_end) when the network does not see them. Label-dropped examples get the null class and target v; they are
+drawn as the official `cond_drop` draws them (Objective.sample_drop: as many as Bernoulli(class_drop)
+gives, from the front of the batch, where r = t), MeanFlow's layout too.
 
 Two documented departures from the official code: the null-class branch sees the same omega as the
 class branch (the official v_u is taken at omega = 1, a condition the u-call never pairs with the
@@ -39,13 +41,7 @@ class IMF(Objective):
             raise ValueError(f"meanflow.omega = {cfg.omega}: iMF guidance (1 - 1/omega) needs omega > 0")
         self.head = cfg.v_source == "head"
 
-    # ------------------------------------------------------------------ draws
-    def sample_drop(self, n: int, generator=None, device=None):
-        """Independent per-example label dropout."""
-        if self.num_classes == 0 or self.cfg.class_drop == 0:
-            return torch.zeros(n, dtype=torch.bool, device=device)
-        return torch.rand(n, generator=generator, device=device) < self.cfg.class_drop
-
+    # ------------------------------------------------------------------ draws (label drop: base.py's, as MeanFlow's)
     def sample_omega(self, n: int, generator=None, device=None) -> torch.Tensor:
         """Power law on [1, 1 + s_max]: beta = 1 is log-uniform, otherwise density ~ s^-beta."""
         c = self.cfg

@@ -5,6 +5,7 @@ committed when the rows matched the paper. The row's config is resolved both way
 result and differs is reported, so an edited ablation cannot keep its old label silently."""
 from __future__ import annotations
 
+import dataclasses
 from functools import cache
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def _setting(cfg: config.Config) -> dict:
-    return {k: v for k, v in _flat({s: cfg.raw[s] for s in config.SECTIONS}).items()
+    return {k: v for k, v in _flat({s: dataclasses.asdict(getattr(cfg, s)) for s in config.SECTIONS}).items()
             if k.split(".")[1] not in NOT_SETTING[k.split(".")[0]]}
 
 
@@ -69,4 +70,4 @@ def note(diff: dict[str, tuple]) -> str:
 
 
 def _show(v) -> str:
-    return "unset" if v is None else (",".join(map(str, v)) if isinstance(v, list) else str(v))
+    return "unset" if v is None else (",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))

@@ -14,6 +14,7 @@ A job (stages/__init__.py) builds the tier's plan once and takes its configs fro
 (`Plan.replicas_of`) with the run whose outputs it may copy (`Plan.source_of`, meanflow.reuse)."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -199,7 +200,7 @@ class Plan:
 
     def data_hash(self) -> str:
         """Changes when the tier's data section changes (the data rules' params trigger)."""
-        return hashlib.sha256(json.dumps(self.base.raw["data"], sort_keys=True).encode()).hexdigest()[:10]
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self.base.data), sort_keys=True).encode()).hexdigest()[:10]
 
     def fid_reference(self) -> Path:
         """What the fid stage compares against: ADM/Inception refstats, or on sample.features = digits

@@ -9,6 +9,7 @@ is called as net(z, t, h = t - r, y); class `num_classes` is the null class.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -51,7 +52,7 @@ def net_velocity(net, z, t, calls: list[tuple]) -> list[torch.Tensor]:
     return [_full(out[i * n:(i + 1) * n]) for i in range(k)]
 
 
-class Objective:
+class Objective(ABC):
     """A training loss for a `meanflow` config section (params.schema.yaml); subclasses define `loss`."""
 
     CONDITIONS: tuple[str, ...] = ()   # per-example conditions beyond (t, r): sample_conditions' keys
@@ -140,5 +141,6 @@ class Objective:
         d = self.draws(x, generator, **given)
         return self.loss(net, x, y, d, net if grad_net is None else grad_net, aug, jvp_rows, groups)
 
+    @abstractmethod
     def loss(self, net, x, y, d: dict, grad_net, aug, jvp_rows, groups: int) -> LossOutput:
-        raise NotImplementedError
+        """The loss on batch x with the draws `d` (what `__call__` documents); MeanFlow's and iMF's."""

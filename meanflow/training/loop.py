@@ -161,6 +161,8 @@ class Loop:
         self.group, self.progress = group, progress
         self.cfg, self.env, self.R = group.replicas[0].cfg, group.replicas[0].env, len(group.replicas)
         self.k, self.bar, self.pool, self.pending = 0, None, None, None
+        # named in a non-finite loss's message; once, as a run id hashes its config
+        self.ids = "" if self.R == 1 else f" (replicas {', '.join(r.cfg.run_id for r in group.replicas)})"
 
     def open(self):
         """Resume (each replica from its own checkpoint), then open the metrics, the progress bar
@@ -207,10 +209,9 @@ class Loop:
             for pg in g.opt.param_groups:
                 pg["lr"] = lr_at(k, tc.lr, tc.warmup_steps)
         torch.manual_seed(seed_of(tc.seed, "torch", k, self.env.rank))  # dropout
-        ids = "" if self.R == 1 else f" (replicas {', '.join(r.cfg.run_id for r in g.replicas)})"
         try:
             vals, stop = step(g.objective, g.net, g.opt, x, y, ema=g.ema, averager=g.averager, grad_net=g.fwd,
-                              draws=draws, stop=stop_requested, where=f" at step {k + 1}{ids}")
+                              draws=draws, stop=stop_requested, where=f" at step {k + 1}{self.ids}")
         except NonFiniteLoss as e:
             last = ", ".join(r.records.last_good() for r in g.replicas)
             raise NonFiniteLoss(f"{e}; last good checkpoint{'s' if self.R > 1 else ''}: {last}") from None

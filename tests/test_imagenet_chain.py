@@ -11,7 +11,7 @@ import yaml
 
 from data_fakes import WNIDS, fake_ilsvrc, random_inception, tiny_vae
 from meanflow import config
-from test_pipeline import copy_repo, smk
+from project_copy import copy_repo, smk
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,7 @@ import copy
 import csv
 import importlib.util
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +13,7 @@ import pytest
 import yaml
 
 from meanflow import config, plan, tables
+from project_copy import copy_repo, finish_with_fakes, smk
 
 ROOT = config.ROOT
 _spec = importlib.util.spec_from_file_location("dvcgen", ROOT / "workflow" / "scripts" / "dvcgen.py")
@@ -22,7 +21,6 @@ dvcgen = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(dvcgen)
 TIERS = ("tiny", "cifar10", "imagenet")
 BIN = Path(sys.executable).parent
-COPY = ["Snakefile", "workflow", "meanflow", "stages", "params.yaml", "reference", "dvc.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +34,6 @@ def params3(params):
     p = copy.deepcopy(params)
     p["tiers"]["tiny"]["train"]["replicates"] = 3
     return p
-
-
-def copy_repo(dst: Path) -> Path:
-    for name in COPY:
-        src = ROOT / name
-        (shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
-         else shutil.copy2(src, dst / name))
-    return dst
-
-
-def smk(cwd, *args, check=True):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    r = subprocess.run([BIN / "snakemake", "--profile", "workflow/profiles/default", *args],
-                       cwd=cwd, capture_output=True, text=True, env=env)
-    if check and r.returncode:
-        raise AssertionError(r.stdout[-3000:] + r.stderr[-3000:])
-    return r
 
 
 def dry_jobs(cwd, tier):
@@ -162,39 +143,10 @@ def test_invalid_value_fails_before_any_job(tmp_path):
     assert "Job stats" not in r.stdout
 
 
-FAKE = """import argparse, pathlib, sys
-from meanflow import config, plan, tables
-p = argparse.ArgumentParser(); p.add_argument("--params"); p.add_argument("--tier"); p.add_argument("--experiment")
-p.add_argument("--no-progress", action="store_true"); p.add_argument("--replicate", type=int, default=0); a = p.parse_args()
-P = config.load_params(a.params); cfg = plan.replica(config.resolve(P, a.tier, a.experiment), a.replicate); d = pathlib.Path("data", a.tier)
-r = cfg.run_dir; nfe = list(cfg.sample.nfe)
-outs = {"acquire": [d / "raw/index.json"], "encode": [d / "store/manifest.json"], "refstats": [d / "refstats.npz"],
-        "features": [d / "feature_net.safetensors"], "train": [r / "ema.safetensors", r / "train_manifest.json", r / "dvclive/plots/metrics/loss.tsv"],
-        "sample": [r / f"samples_nfe{k}/x" for k in nfe], "fid": [r / f"metrics_nfe{k}.json" for k in nfe]}
-if STAGE == "tables":
-    tables.build(P, a.tier)
-if STAGE == "replicas":   # every replica's train, sample and fid outputs
-    full = config.resolve(P, a.tier, a.experiment)
-    for i in range(plan.replicates(full)):
-        c = plan.replica(full, i); r = c.run_dir
-        outs["replicas"] = outs.get("replicas", []) + [r / "ema.safetensors", r / "train_manifest.json",
-            r / "dvclive/plots/metrics/loss.tsv", *(r / f"samples_nfe{k}/x" for k in nfe), *(r / f"metrics_nfe{k}.json" for k in nfe)]
-for o in outs.get(STAGE, []):
-    o.parent.mkdir(parents=True, exist_ok=True); o.write_text("{}")
-"""
-
-
 @pytest.fixture(scope="module")
 def done_repo(tmp_path_factory):
     """A temp copy whose tiny tier ran with fake stages (they only write their outputs)."""
-    repo = copy_repo(tmp_path_factory.mktemp("done"))
-    for stage in ORDER:
-        (repo / "stages" / f"{stage}.py").write_text(f"STAGE = {stage!r}\n" + FAKE)
-    smk(repo, "--cores", "2", "--config", "tier=tiny")
-    return repo
-
-
-ORDER = ["acquire", "encode", "refstats", "features", "train", "sample", "fid", "replicas", "tables"]
+    return finish_with_fakes(copy_repo(tmp_path_factory.mktemp("done")))
 
 
 def test_second_run_does_nothing(done_repo):

@@ -90,7 +90,7 @@ def test_a_row_restating_another_copies_its_run_until_its_value_changes(data_roo
             "try:\n    runpy.run_module('stages.replicas', run_name='__main__')\n"
             "finally:\n    print('torch loaded:', 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code, "--params", str(p), "--experiment", "b", "--no-progress"],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       cwd=p.parent, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0 and "torch loaded: False" in r.stdout, r.stdout + r.stderr
     assert "copied from" in r.stderr
     a, b = layout.run(runs / "a"), layout.run(runs / "b")

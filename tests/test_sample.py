@@ -197,12 +197,12 @@ def test_cli_under_torchrun(reference, tmp_path):
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
             "-m", "stages.sample", "--params", str(params), "--tier", "t", "--no-progress", "--num-shards", "2"]
     for job in (1, 0):
-        r = subprocess.run(base + ["--shard", str(job)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(base + ["--shard", str(job)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     assert npz_files(generate.sample_dir(cfg, 1)) == npz_files(generate.sample_dir(reference, 1))
     assert (generate.sample_dir(cfg, 1) / "manifest.json").is_file()
     r = subprocess.run([sys.executable, "-m", "stages.sample", "--params", str(params), "--tier", "nope"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "tier 'nope' not in tiers" in r.stderr
 
 

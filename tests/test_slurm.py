@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import slurm_cluster
+from project_copy import copy_repo
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "workflow" / "profiles" / "slurm"
@@ -27,19 +28,26 @@ def _snakemake(*args, cwd, env=None, timeout=600):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_profile_dry_run_imagenet():
-    r = _snakemake("-n", "--profile", str(PROFILE), "--config", "tier=imagenet", cwd=ROOT, timeout=300)
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A copy of the project: a dry run plans every job there, whatever the checkout has finished
+    (and writes its .snakemake/ there, not in the checkout)."""
+    return copy_repo(tmp_path_factory.mktemp("slurm_repo"))
+
+
+def test_profile_dry_run_imagenet(repo):
+    r = _snakemake("-n", "--profile", str(PROFILE), "--config", "tier=imagenet", cwd=repo, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout + r.stderr
     for rule in ("train", "sample", "fid", "tables"):
         assert f"\n{rule} " in out, f"rule {rule} missing from the job stats:\n{out[-3000:]}"
 
 
-def test_rules_launch_torchrun_per_gpu_and_srun_across_nodes():
+def test_rules_launch_torchrun_per_gpu_and_srun_across_nodes(repo):
     """The train/sample commands follow the job's resources: python on tiny (CPU; stages.replicas), torchrun with
     one worker per GPU on one node, and srun + torchrun (c10d rendezvous) across nodes."""
     def shell_commands(*args):
-        r = _snakemake("-n", "-p", "--profile", str(PROFILE), *args, cwd=ROOT, timeout=300)
+        r = _snakemake("-n", "-p", "--profile", str(PROFILE), *args, cwd=repo, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         # Snakemake 9 prints "-p" commands as "Shell command: <cmd>"
         lines = (l.strip().removeprefix("Shell command:").strip() for l in (r.stdout + r.stderr).splitlines())
@@ -96,6 +104,10 @@ def smoke_dir(wd: Path) -> Path:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     t = p["tiers"]["tiny"]
     t.setdefault("train", {}).update(steps=5, ckpt_every=5, log_every=1)
+    for e in p["experiments"].values():   # rows with their own tiny steps (MF-CIFAR10: 500) take 5 too
+        own = e.get("tiers", {}).get("tiny", {}).get("train", {})
+        if "steps" in own:
+            own["steps"] = 5
     t.setdefault("sample", {}).update(n=200, shard_size=100, batch=100, grid=0, nfe=[1])
     p["tables"]["tiers"]["tiny"] = ["3"]
     wd.mkdir(parents=True, exist_ok=True)

@@ -102,3 +102,31 @@ def test_config_sections_are_the_schema_keys():
             assert got == want, f"{name}.{key}: {hints[key]} vs schema type {t}"
         cfg = config.build({})
         assert type(getattr(cfg, name)) is cls
+
+
+def test_checkout_guard_sees_what_a_test_changes(tmp_path):
+    """conftest's guard over the checkout's outputs: a created, a deleted and a rewritten file are
+    named; a read is not a change; a symlinked data/ is not walked."""
+    import os
+
+    from conftest import changes, snapshot
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "ema.safetensors").write_bytes(b"w")
+    (tmp_path / "results" / "t.csv").parent.mkdir()
+    (tmp_path / "results" / "t.csv").write_text("a")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "big").write_text("x")
+    (tmp_path / "data").symlink_to(tmp_path / "elsewhere")
+    before = snapshot(tmp_path)
+    assert "data" in before and not any(p.startswith("data/") for p in before) and "runs/r/ema.safetensors" in before
+    (tmp_path / "results" / "t.csv").read_text()
+    assert changes(before, snapshot(tmp_path)) == []
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "runs" / "r" / "ema.safetensors").unlink()
+    st = os.stat(tmp_path / "results" / "t.csv")
+    (tmp_path / "results" / "t.csv").write_text("b")
+    os.utime(tmp_path / "results" / "t.csv", ns=(st.st_atime_ns, st.st_mtime_ns))   # same size and mtime: unseen (no hashing)
+    (tmp_path / "results" / "u.csv").write_text("c")
+    assert changes(before, snapshot(tmp_path)) == ["created  logs", "created  results/u.csv",
+                                                   "deleted  runs/r/ema.safetensors", "modified results",
+                                                   "modified runs/r"]

@@ -56,7 +56,7 @@ def write_params(path: Path, data_root: Path, runs_root: Path, **train) -> Path:
 
 def cli(params: Path, log: Path, *extra) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "stages.train", "--params", str(params), *extra],
-                            cwd=ROOT, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                            cwd=params.parent, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
 def wait_until(pred, proc, log: Path, timeout: float = 180):
@@ -199,7 +199,7 @@ def test_two_gloo_processes_equal_one(data_root, tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                         "-m", "stages.train", "--params", str(two), "--no-progress"],
-                       cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                       cwd=tmp_path, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                        timeout=300)
     assert p.returncode == 0, log.read_text()
     cfg = config.load(one)

@@ -15,6 +15,31 @@ def test_fast_frechet_equals_torch_fidelity():
     assert U.Frechet(mu2, s2)(mu1, s1) == pytest.approx(frechet(mu1, s1, mu2, s2), rel=1e-7)
 
 
+def test_fewer_rows_than_features_gram_path_equals_the_covariance_path():
+    """n < d (a smoke run's 12 Inception rows): the n x n Gram path gives the d x d path's distance,
+    resample weights (zeros, repeats) included; the bootstrap takes it and keeps its values."""
+    rng = np.random.default_rng(3)
+    n, d = 12, 300
+    f, y = rng.normal(size=(n, d)), rng.normal(0.2, 1.0, size=(2 * d, d)) @ rng.normal(size=(d, d)) / d ** 0.5
+    mu2, s2 = y.mean(0), np.cov(y, rowvar=False)
+    fd = U.Frechet(mu2, s2)
+    eye = U.Frechet(mu2, np.eye(d))   # A = I: tr sqrt(S1) is the sum of sqrt(w / (n - 1)) xc's singular values
+    for w in [np.ones(n), *rng.multinomial(n, np.full(n, 1 / n), size=3)]:
+        mu = w @ f / n
+        xc = f - mu
+        full = fd(mu, (xc * w[:, None]).T @ xc / (n - 1))
+        assert fd.of_rows(mu, xc, w.astype(float)) == pytest.approx(full, rel=1e-7)
+        sv = np.linalg.svd(np.sqrt(w / (n - 1))[:, None] * xc, compute_uv=False)
+        exact = (mu - mu2) @ (mu - mu2) + (sv ** 2).sum() + d - 2 * sv.sum()
+        gram, cov = eye.of_rows(mu, xc, w.astype(float)), eye(mu, (xc * w[:, None]).T @ xc / (n - 1))
+        assert abs(gram - exact) <= 1e-9 * exact and abs(gram - exact) <= abs(cov - exact)   # the rounding noise is the d x d path's
+    assert fd.of_rows(f.mean(0), f - f.mean(0), np.ones(n)) == pytest.approx(frechet(f.mean(0), np.cov(f, rowvar=False), mu2, s2), rel=1e-7)
+    b = U.bootstrap(f, mu2, s2, 1.0, resamples=20)
+    ws = np.random.default_rng(U.SEED).multinomial(n, np.full(n, 1 / n), size=20)
+    want = [fd((w @ f) / n, ((f - w @ f / n) * w[:, None]).T @ (f - w @ f / n) / (n - 1)) for w in ws]
+    np.testing.assert_allclose(b["values"], want, rtol=1e-6)
+
+
 def test_bootstrap_interval_covers_the_truth():
     """Samples of N(delta, I) in d dims against the exact reference N(0, I): the Frechet distance of
     infinitely many samples is |delta|^2. The basic 95% interval covers it in most of 20 draws,

@@ -13,6 +13,7 @@ import yaml
 
 from meanflow import config, generate, labels, plan, tables
 from stages import sample as sample_cli
+from project_copy import copy_repo
 from test_sample import make_cfg, write_weights
 
 ROOT = config.ROOT
@@ -74,11 +75,12 @@ def smk(cwd, *args):
                           cwd=cwd, capture_output=True, text=True, env=env)
 
 
-def test_unknown_config_key_is_an_error():
-    r = smk(ROOT, "--config", "teir=imagenet")
+def test_unknown_config_key_is_an_error(tmp_path):
+    repo = copy_repo(tmp_path)
+    r = smk(repo, "--config", "teir=imagenet")
     assert r.returncode != 0
     assert "unknown --config key(s) teir" in r.stdout + r.stderr and "Job stats" not in r.stdout
-    ok = smk(ROOT, "--config", "tier=cifar10")
+    ok = smk(repo, "--config", "tier=cifar10")
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 

@@ -26,10 +26,11 @@ run-imf: $(STAMP) ## the iMF ablation (table imf1) on the tiny tier
 report: $(STAMP) ## results/<tier>/report.html (TIER=tiny default): tables with captions, plots, grids, logs (after make run)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/snakemake --profile workflow/profiles/default --config tier=$(TIER) --report results/$(TIER)/report.html
 
-# one worker per core (pytest-xdist), a test file's tests on one worker (they share its module fixtures);
+# one worker per core (pytest-xdist), a test file's tests on one worker (they share its module fixtures),
+# files with slow tests first (tests/conftest.py);
 # the 10 slowest printed at the end. PYTEST_ARGS='-n 0 ...' runs in one process.
 test: $(STAMP) ## the test suite (PYTEST_ARGS=... passes options to pytest)
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=10 $(PYTEST_ARGS)
 
 bench: $(STAMP) ## speed and memory ratios (bench/train_step.py)
 	$(PY) bench/train_step.py

@@ -8,6 +8,7 @@ logs/, .snakemake/, .dvc/tmp/); each works in its own temp dir, so the suite pas
 and after `make run` and leaves a finished tier as it was. The session fails, naming the paths, if
 anything under them was created, deleted or modified (size or mtime) while it ran."""
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,15 @@ def _cwd_outside_the_checkout(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(old)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files holding `slow` tests first, the rest by test count: under pytest-xdist a file is one work
+    unit (make test: --dist loadfile), so the longest start first and none is left alone at the end."""
+    slow, count = Counter(), Counter(it.path for it in items)
+    for it in items:
+        slow[it.path] += it.get_closest_marker("slow") is not None
+    items.sort(key=lambda it: (-slow[it.path], -count[it.path]))   # stable: a file's own order kept
 
 
 def _controller(session) -> bool:

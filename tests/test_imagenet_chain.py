@@ -37,6 +37,7 @@ def chain(tmp_path_factory):
     return repo
 
 
+@pytest.mark.slow
 def test_chain_builds_a_table_with_a_finite_fid_per_row(chain):
     cfg = config.resolve(yaml.safe_load((chain / "ci_params.yaml").read_text()), "imagenet", "ratio_0")
     assert cfg.data.flip is False and cfg.sample.labels == "random"  # the tier's defaults

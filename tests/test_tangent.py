@@ -134,6 +134,7 @@ def test_training_step_loss_and_gradients_equal_the_generic_jvp(strategy, layout
         assert rel(a.detach(), b.detach()) < TOL[dtype]
 
 
+@pytest.mark.slow
 def test_compiled_tangent_pass_equals_eager():
     """train.compile: MeanFlow.compile_tangent runs the one pass through torch.compile; loss and
     gradients equal the eager pass within fp32 rounding."""

@@ -1,7 +1,9 @@
 """Suite-wide settings and one guard.
 
-Two torch threads in every test process (subprocesses get OMP_NUM_THREADS=2 from the tests that
-compare with them), so in-process and subprocess runs reduce in the same order.
+THREADS torch threads in every test process and, through OMP_NUM_THREADS, in the subprocesses it
+starts, so in-process and subprocess runs reduce in the same order: 2, or the cores' share of each
+pytest-xdist worker (1 on 2 cores: two workers with 2 OpenMP threads each on 2 cores wait on each
+other's descheduled threads; the toy test took 845 s instead of 55 s).
 
 The guard: no test reads or writes the checkout's own pipeline outputs (data/, runs/, results/,
 logs/, .snakemake/, .dvc/tmp/); each works in its own temp dir, so the suite passes the same before
@@ -14,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(2)
+THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
+torch.set_num_threads(THREADS)
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUTS = ("data", "runs", "results", "logs", ".snakemake", ".dvc/tmp")

@@ -193,7 +193,7 @@ def test_cli_under_torchrun(reference, tmp_path):
     params.write_text(yaml.safe_dump({"tier": "t", "tiers": {"t": raw}}))
     cfg = config.load(params, tier="t")
     write_weights(cfg)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
             "-m", "stages.sample", "--params", str(params), "--tier", "t", "--no-progress", "--num-shards", "2"]
     for job in (1, 0):

@@ -28,9 +28,8 @@ from meanflow.objective import MeanFlow
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, CKPT = 120, 10
-# two threads everywhere, so subprocess and in-process runs reduce in the same order
-ENV = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "PYTHONPATH": str(ROOT),
-       "GLOO_SOCKET_IFNAME": "lo"}
+# conftest's thread count everywhere (OMP_NUM_THREADS), so subprocess and in-process runs reduce in the same order
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
 
 
 @pytest.fixture(scope="module")

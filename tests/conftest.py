@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import project_copy
+
 THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
 torch.set_num_threads(THREADS)
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTPUTS = ("data", "runs", "results", "logs", ".snakemake", ".dvc/tmp")
+OUTPUTS = (*project_copy.OUTPUTS, ".dvc/tmp")   # what a finished tier holds, and DVC's scratch
 
 
 def snapshot(root: Path = ROOT) -> dict[str, tuple]:

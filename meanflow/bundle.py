@@ -44,8 +44,9 @@ def export(root: str | Path, tier: str, out: str | Path, force: bool = False) ->
     params = None
     if (root / "params.yaml").exists():
         import yaml
+        from meanflow.config import read_yaml
         try:
-            params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+            params = read_yaml((root / "params.yaml").read_text(encoding="utf-8"))
         except (UnicodeDecodeError, yaml.YAMLError) as e:
             raise BundleError(f"{root / 'params.yaml'}: not readable YAML ({type(e).__name__})") from None
     meta = manifest.stamp(tier=tier, files={m.as_posix(): manifest.file_hash(root / m) for m in members},

@@ -88,7 +88,7 @@ def _unpack(bundle: Path, into: Path) -> Path:
         with tarfile.open(bundle, "r:*") as tf:
             tf.extractall(into, filter="data")
     except (tarfile.TarError, OSError) as e:
-        raise CompareError(f"{bundle}: not a readable bundle ({e})") from e
+        raise CompareError(f"{bundle}: not a readable bundle ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from e
     return into
 
 
@@ -117,8 +117,8 @@ def load(path: str | Path, name: str | None = None, workdir: Path | None = None)
     if (root / BUNDLE_META).exists():
         rs.meta = _read(root / BUNDLE_META, rs.name, json.loads)
     elif (root / "params.yaml").is_file():  # a checkout: its params file, as a bundle records it
-        import yaml
-        rs.meta = {"params": _read(root / "params.yaml", rs.name, yaml.safe_load)}
+        from meanflow.config import read_yaml   # bounded: a foreign params.yaml may be an alias bomb
+        rs.meta = {"params": _read(root / "params.yaml", rs.name, read_yaml)}
     if not isinstance(rs.meta, dict):
         raise CompareError(f"{rs.name}: {BUNDLE_META if (root / BUNDLE_META).exists() else 'params.yaml'} "
                            "does not hold a mapping")

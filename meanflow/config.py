@@ -40,8 +40,37 @@ def schema() -> dict:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
+MAX_INT = 2 ** 53   # a float above this is not an exact integer: 1e30 steps is refused, not rounded
+
+
+def _is_integer(checker, v) -> bool:
+    """JSON Schema's integer, but a float only when exactly integral and within MAX_INT."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or isinstance(v, float) and v.is_integer() and abs(v) <= MAX_INT
+
+
+def _types(sub: dict) -> set:
+    t = sub.get("type", ())
+    return {t} if isinstance(t, str) else set(t)
+
+
+def _normal(v, sub: dict):
+    """v in the one spelling of its schema type, so equal settings hash equally: an integral float
+    of an integer key becomes an int (steps: 60.0 -> 60), an int of a number key a float (lr: 1 -> 1.0)."""
+    types = _types(sub)
+    if isinstance(v, list) and isinstance(sub.get("items"), dict):
+        return [_normal(x, sub["items"]) for x in v]
+    if isinstance(v, float) and "integer" in types and "number" not in types and _is_integer(None, v):
+        return int(v)
+    if isinstance(v, int) and not isinstance(v, bool) and "number" in types and "integer" not in types:
+        return float(v)
+    return v
+
+
 def _with_defaults(cls):
-    """jsonschema's documented recipe: a validator that fills in `default`s as it validates."""
+    """jsonschema's documented recipe: a validator that fills in `default`s as it validates; values
+    are also put in their type's one spelling (_normal) and integers are exact (_is_integer)."""
     validate_props = cls.VALIDATORS["properties"]
 
     def set_defaults(validator, properties, instance, sch):
@@ -49,9 +78,12 @@ def _with_defaults(cls):
             for key, sub in properties.items():
                 if "default" in sub and key not in instance:
                     instance[key] = copy.deepcopy(sub["default"])
+                elif key in instance:
+                    instance[key] = _normal(instance[key], sub)
         yield from validate_props(validator, properties, instance, sch)
 
-    return jsonschema.validators.extend(cls, {"properties": set_defaults})
+    types = cls.TYPE_CHECKER.redefine("integer", _is_integer)
+    return jsonschema.validators.extend(cls, {"properties": set_defaults}, type_checker=types)
 
 
 _Validator = _with_defaults(jsonschema.Draft202012Validator)
@@ -115,9 +147,24 @@ class Config:
     @property
     def run_id(self) -> str:
         """Readable name plus a hash of everything that shapes the trained weights (data, model,
-        meanflow, train), so identical configurations asked for by several table rows train once."""
+        meanflow, train), so identical configurations asked for by several table rows train once.
+        Where things live (x-site keys: data.root, ...) is hashed at its default, so a moved data
+        root, or another cluster's, keeps the id (and ids named before the rule stay as they were)."""
+        return self._run_id(sites_as_given=False)
+
+    @property
+    def previous_run_id(self) -> str:
+        """The run id under the rule before x-site keys were left out (it hashed data.root and the
+        other x-site keys as given): what a run directory made then records (stages.upgrade)."""
+        return self._run_id(sites_as_given=True)
+
+    def _run_id(self, sites_as_given: bool) -> str:
         h = _hashed(self.raw)
         key = {s: h[s] for s in ("data", "model", "meanflow", "train")}
+        if not sites_as_given:
+            for s in key:
+                props = schema()["$defs"][s]["properties"]
+                key[s] = {k: props[k].get("default") if props.get(k, {}).get("x-site") else v for k, v in key[s].items()}
         # where and how often a run is logged or saved does not change its weights
         key["train"] = {k: v for k, v in key["train"].items() if k not in RUN_NEUTRAL}
         for (sec, k), off in OFF_DEFAULTS.items():  # keys added later: off = the runs named before them
@@ -131,7 +178,7 @@ class Config:
     @property
     def run_dir(self) -> Path:
         """runs/<tier>/<name or run_id>: checkpoints, final EMA weights, samples and metrics of one run."""
-        return Path(self.train.runs_root) / self.tier / (self.name or self.run_id)
+        return layout.under(self.train.runs_root, self.tier, self.name or self.run_id)
 
 
 def _hashed(raw: dict) -> dict:
@@ -164,6 +211,8 @@ def build(raw: dict, tier: str = "custom", experiment: str | None = None, where:
     """Validate a (partial) config dict, fill defaults and return the typed Config (`name`: its run
     directory's, default the run id; `replicate`: which replica of its row it is)."""
     raw = copy.deepcopy(raw or {})
+    if not re.fullmatch(schema()["properties"]["tier"]["pattern"].strip("^$"), tier):
+        raise ConfigError(f"{where}: tier {tier!r}: a tier name is letters, digits, '_', '+' and '-' (it names directories)")
     _validate(raw, {"$ref": "#/$defs/config"}, where)
     secs = {}
     for s in SECTIONS:   # every section is closed (additionalProperties: false): each key is a field
@@ -196,10 +245,47 @@ def _check_shapes(raw: dict, where: str) -> None:
 
 
 # --------------------------------------------------------------------------- params.yaml
+YAML_NODES = 100_000   # the nodes a YAML file may expand to, each alias counted where used (params.yaml: ~1,500)
+
+
+class YAMLRefused(yaml.YAMLError):
+    """A YAML file whose aliases expand past YAML_NODES (an alias bomb) or refer to themselves."""
+
+
+def _expanded(node, memo: dict) -> int:
+    """The node count of `node` with every alias expanded, in time linear in the file (memo)."""
+    if id(node) in memo:
+        if memo[id(node)] is None:
+            raise YAMLRefused("an alias refers to a node that contains it (a recursive structure)")
+        return memo[id(node)]
+    memo[id(node)] = None
+    kids = [x for kv in node.value for x in kv] if isinstance(node, yaml.MappingNode) else \
+        node.value if isinstance(node, yaml.SequenceNode) else []
+    memo[id(node)] = n = 1 + sum(_expanded(k, memo) for k in kids)
+    return n
+
+
+def read_yaml(text: str):
+    """yaml.safe_load, refusing a document whose aliases expand past YAML_NODES nodes: PyYAML builds
+    an alias bomb cheaply as shared objects, but every walk of it (validation, hashing, JSON) is
+    exponential. Used wherever a parameters file or a foreign result set is read."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded(node, {})
+        if n > YAML_NODES:
+            raise YAMLRefused(f"refused: its aliases expand to {n:.3g} nodes, over {YAML_NODES:,} (an alias bomb?)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def load_params(path: str | Path = PARAMS_PATH) -> dict:
     path = Path(path)
     try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+        params = read_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such parameters file") from None
     except IsADirectoryError:
@@ -208,8 +294,12 @@ def load_params(path: str | Path = PARAMS_PATH) -> dict:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the parameters file ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except YAMLRefused as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:   # one line: the problem and where (PyYAML's own text spans several)
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
     _validate(params, {k: v for k, v in schema().items() if k != "$defs"}, str(path))
     return params
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import layout, manifest, runtime
-from .sampling import sample, schedules as _schedules
+from .sampling import sample, schedules as _schedules, weights_path
 from .shards import MANIFEST, Shards, digest, main_rank, worker_of
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,6 @@ def shards_of(out: Path, error: type[Exception] = None) -> Shards:
     return Shards.of(out, SHARD, "n", error or SampleError, "no samples; run stages.sample")
 
 
-def weights_path(cfg) -> Path:
-    return Path(cfg.sample.weights) if cfg.sample.weights else layout.run(cfg).ema
 def load_network(cfg, device):
     """build_model(cfg) with the run's EMA weights (or sample.weights); (net, path)."""
     from safetensors.torch import load_model

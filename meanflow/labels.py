@@ -9,7 +9,6 @@ import dataclasses
 from functools import cache
 from pathlib import Path
 
-import yaml
 
 from meanflow import config
 
@@ -31,7 +30,7 @@ NOT_SETTING = {
 def _reference(path: str) -> dict:
     p = Path(path) if Path(path).is_absolute() else config.ROOT / path
     try:
-        ref = yaml.safe_load(p.read_text()) or {}
+        ref = config.read_yaml(p.read_text()) or {}
     except FileNotFoundError:
         raise config.ConfigError(f"{p}: no such file (the paper setting of each table row)") from None
     return {"defaults": ref.get("defaults") or {}, "experiments": ref.get("experiments") or {}}

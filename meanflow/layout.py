@@ -91,11 +91,20 @@ class ResultPaths(NamedTuple):
         return self.plots / f"{name}.png"
 
 
+def under(root: str | Path, *names: str) -> Path:
+    """root/name/...: each name one plain directory name, so no output lands outside its root
+    (params.yaml's schema already restricts tier and experiment names; this is the backstop)."""
+    for n in names:
+        if not n or n in (".", "..") or "/" in n or "\\" in n or "\0" in n:
+            raise ValueError(f"{n!r} is not a plain directory name: outputs would leave {root}")
+    return Path(root).joinpath(*names)
+
+
 def data(cfg_or_tier, root: str | Path = "data") -> DataPaths:
     """The data layout of a config (its data.root and tier) or of a tier name under `root`."""
     if isinstance(cfg_or_tier, str):
-        return DataPaths.at(Path(root) / cfg_or_tier)
-    return DataPaths.at(Path(cfg_or_tier.data.root) / cfg_or_tier.tier)
+        return DataPaths.at(under(root, cfg_or_tier))
+    return DataPaths.at(under(cfg_or_tier.data.root, cfg_or_tier.tier))
 
 
 def run_name(experiment: str | None, replicate: int = 0) -> str:
@@ -114,7 +123,7 @@ def run(cfg_or_dir) -> RunPaths:
 
 def log(tier: str, stage: str, run: str | None = None, root: str | Path = LOGS) -> Path:
     """The log of a tier stage (acquire, encode, refstats, features, tables) or of a run's stage."""
-    return Path(root) / tier / (f"{stage}.log" if run is None else f"{stage}/{run}.log")
+    return under(root, tier) / (f"{stage}.log" if run is None else f"{stage}/{run}.log")
 
 
 def benchmark(tier: str, rule: str, name: str, root: str | Path = "benchmarks") -> Path:
@@ -125,4 +134,4 @@ def benchmark(tier: str, rule: str, name: str, root: str | Path = "benchmarks") 
 
 def results(tier: str, root: str | Path = "results", subset: list[str] | None = None) -> ResultPaths:
     """results/<tier>, or the outputs of an explicit table list `subset` (see ResultPaths)."""
-    return ResultPaths.at(Path(root) / tier, subset)
+    return ResultPaths.at(under(root, tier), subset)

@@ -2,12 +2,16 @@
 Also the atomic-write helpers every stage uses (write a temp file, then os.replace)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import functools
 import hashlib
 import json
 import os
 import platform
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -77,9 +81,11 @@ def environment() -> dict:
              if v in os.environ}
     if slurm:
         env["slurm"] = slurm
-    for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+    from .launch import torchrun_env
+    tr = torchrun_env()   # stages.job checked it before the work
+    for k, v in (("WORLD_SIZE", tr.world), ("LOCAL_WORLD_SIZE", tr.local_world)):
         if k in os.environ:
-            env[k.lower()] = int(os.environ[k])
+            env[k.lower()] = v
     return env
 
 
@@ -93,6 +99,55 @@ def stamp(cfg=None, **extra) -> dict:
     return out
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def readable(path: str | Path) -> Path:
+    """Give a file the mode every other output has (0666 less the umask: 0644 by default);
+    safetensors creates its files 0600, which a cluster group sharing results could not read."""
+    os.chmod(path, 0o666 & ~_UMASK)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path):
+    """Any failure while writing `path` becomes an OSError naming it, with the free space of its file
+    system: torch.save on a full disk says only "unexpected pos", safetensors' errors are not
+    OSErrors, and a plain write's OSError carries no file name."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, f"{e.strerror}{_free(path)}", str(path)) from e
+    except Exception as e:  # noqa: BLE001 - torch's and safetensors' write errors
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise OSError(errno.EIO, f"write failed ({type(e).__name__}: {first}){_free(path)}", str(path)) from e
+
+
+def _free(path) -> str:
+    d = Path(path).parent
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    try:
+        return f"; {shutil.disk_usage(d).free / 2**20:.1f} MiB free on its file system"
+    except OSError:
+        return ""
+
+
+def load_error(e: BaseException) -> str:
+    """One line for a failed load: torch's weights-only refusal is many lines and suggests
+    weights_only=False, which would run the file's pickled code; keep only what it refused."""
+    text = str(e)
+    refused = re.search(r"GLOBAL ([\w.]+)|Unsupported operand \d+", text)
+    if refused or "Weights only load failed" in text:
+        what = f"it pickles {refused.group(1)}" if refused and refused.group(1) else refused.group(0) if refused else \
+            "pickled objects"
+        return f"refused by weights-only loading: {what}, not only tensors; none of its code was run"
+    return f"{type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
+
+
 def tmp_path(path: Path) -> Path:
     # Same directory, so os.replace is an atomic rename; pid keeps concurrent writers apart.
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -101,9 +156,14 @@ def tmp_path(path: Path) -> Path:
 def write_json(path: str | Path, obj) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:   # strict JSON: a NaN or infinity is an error here, not a record other readers reject
+        text = json.dumps(obj, indent=1, sort_keys=False, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise ValueError(f"{path}: not written: {e} (a NaN or infinity among its values)") from None
     tmp = tmp_path(path)
     try:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+        with writing(path):
+            tmp.write_text(text)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # a failed write leaves no temp file

@@ -5,7 +5,6 @@ seeds: every random draw comes from a generator seeded by `seed_of` over explici
 from __future__ import annotations
 
 import hashlib
-import os
 from contextlib import nullcontext
 
 import torch
@@ -20,7 +19,8 @@ def device(name: str | None = "auto", key: str = "device", error: type[Exception
         raise error(f"{key} = {name}, but no CUDA device is present")
     dev = torch.device("cuda" if name == "auto" and cuda else "cpu" if name == "auto" else name)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        from .launch import torchrun_env
+        dev = torch.device("cuda", torchrun_env(error).local_rank)
         torch.cuda.set_device(dev)
     return dev
 

@@ -2,9 +2,12 @@
 1-NFE goes from t = 1 to r = 0 in one step; 2-NFE 1 -> 0.5 -> 0; any explicit schedule works."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from . import layout
 
 
 def schedule(nfe: int | None = None, times: Sequence[float] | None = None) -> list[float]:
@@ -65,3 +68,8 @@ def schedules(cfg, nfes=None, error: type[Exception] = ValueError) -> dict[int, 
         if len(times) - 1 in out:
             out[len(times) - 1] = times
     return out
+
+
+def weights_path(cfg) -> Path:
+    """The weights a config samples: sample.weights, else its run's final EMA."""
+    return Path(cfg.sample.weights) if cfg.sample.weights else layout.run(cfg).ema

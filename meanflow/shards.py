@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 from . import manifest
@@ -24,7 +23,8 @@ log = logging.getLogger(__name__)
 def worker_of(shard: int = 0, num_shards: int = 1, error: type[Exception] = ValueError,
               flags: str = "--shard {} of --num-shards {}") -> tuple[int, int]:
     """(worker, workers): job `shard` of `num_shards` times torchrun's RANK of WORLD_SIZE."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    from .launch import torchrun_env
+    rank, world = torchrun_env(error)[:2]
     if not 0 <= shard < num_shards:
         raise error(f"{flags.format(shard, num_shards)}: want 0 <= shard < num_shards")
     return shard * world + rank, num_shards * world
@@ -36,7 +36,8 @@ def digest(hashes) -> str:
 
 
 def main_rank() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
+    from .launch import torchrun_env
+    return torchrun_env().rank == 0
 
 
 class Shards:

@@ -2,16 +2,30 @@
 the --params/--tier/--experiment options, logging, and the error guard: the library's errors (they
 name the file, key or value at fault) and any unexpected exception alike end as one `error:` line
 with the stage's error exit code; the traceback only under --debug or MEANFLOW_DEBUG=1."""
-import argparse
-import dataclasses
-import logging
 import os
 import sys
-import traceback
-from contextlib import contextmanager
-from pathlib import Path
 
-from meanflow import config
+
+def _interrupted(kind, value, tb, default=sys.excepthook):
+    """Ctrl-C before a stage reaches its guard (while it imports torch, say): one line and the
+    shell's code for Ctrl-C, not a traceback through the import machinery."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.stderr.write("interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)
+    default(kind, value, tb)
+
+
+sys.excepthook = _interrupted   # first, before the imports below
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import traceback  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from meanflow import config, launch  # noqa: E402
 
 
 def _tiers() -> str:
@@ -70,6 +84,7 @@ def job(p: argparse.ArgumentParser, args, where: str = "", replicas: bool = Fals
     from meanflow import plan
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with guard(p):
+        launch.torchrun_env(config.ConfigError)   # a bad RANK/WORLD_SIZE/... fails now, not after the work
         params = config.load_params(args.params)
         pl = plan.Plan(params, args.tier or params["tier"], where=args.params)
         cfgs = pl.replicas_of(getattr(args, "experiment", None))
@@ -100,15 +115,15 @@ def debugging() -> bool:
 
 
 def culprit(e: BaseException) -> str | None:
-    """The file an unexpected exception was about: OSError's filename, else the innermost frame's
-    local variable that is a path to an existing file or directory (what was being read)."""
+    """The file an unexpected exception was about: OSError's filename (the library's writes name
+    theirs: manifest.writing), else a file the innermost frame of the project's own code holds in a
+    local variable (what it was reading); None rather than a guess from outer frames."""
     if isinstance(e, OSError) and e.filename:
         return str(e.filename)
-    frames = list(traceback.walk_tb(e.__traceback__))
-    for frame, _ in reversed(frames):
-        for v in frame.f_locals.values():
-            if isinstance(v, Path) and v.exists():
-                return str(v)
+    ours = [f for f, _ in traceback.walk_tb(e.__traceback__) if f.f_code.co_filename.startswith(str(config.ROOT))]
+    for v in (ours[-1].f_locals.values() if ours else ()):
+        if isinstance(v, Path) and v.is_file():
+            return str(v)
     return None
 
 
@@ -154,4 +169,8 @@ def tier_stage(name: str, doc: str, fn, *errors: type[Exception], argv=None) -> 
     """A stage with only --params and --tier: fn(the tier's config), reported as `run` does."""
     p = parser(name, doc)
     args = p.parse_args(argv)
-    run(p, lambda: fn(config.load(args.params, tier=args.tier)), *errors)
+
+    def stage():
+        launch.torchrun_env(config.ConfigError)
+        return fn(config.load(args.params, tier=args.tier))
+    run(p, stage, *errors)

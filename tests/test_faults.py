@@ -7,6 +7,7 @@ bitwise those of the undamaged project."""
 import hashlib
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -46,9 +47,9 @@ def write(w: Path, **over) -> Path:
     return w / "params.yaml"
 
 
-def cli(mod: str, *args, cwd=ROOT, timeout=300, env=None) -> subprocess.CompletedProcess:
+def cli(mod: str, *args, cwd=ROOT, timeout=300, env=None, preexec=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"stages.{mod}", *map(str, args)], cwd=cwd, env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, preexec_fn=preexec)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,17 @@ def project(tmp_path_factory):
         assert r.returncode == 0, r.stderr
     run = config.load(p).run_dir   # relative: runs/t/<run id>
     assert [s for s, _ in checkpoints(w / run)] == [4, 8, 12]
+    # the digits feature net and its reference statistics, and the run's metric (the fid cases)
+    for mod in ("features", "fid"):
+        r = cli(mod, "--params", write(w, sample=DIGITS), *(["--no-progress"] if mod == "fid" else []), cwd=w)
+        assert r.returncode == 0, r.stderr
+    write(w)
+    # every output readable by the group as the other files are (safetensors creates 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    weights = [w / run / "ema.safetensors", w / "data/t/feature_net.safetensors",
+               *(w / run / "checkpoints").glob("step-*/*")]
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in weights} == {f.name: oct(0o666 & ~umask) for f in weights}
     return w, run
 
 
@@ -76,6 +88,9 @@ def result_set(root: Path, fid="6.10") -> Path:
     (run / "train_manifest.json").write_text(json.dumps({"tier": "t", "params_hash": "abc", "run_id": "dit-abc"}))
     (root / "params.yaml").write_text("tier: t\n")
     return root
+
+
+DIGITS = {"features": "digits"}
 
 
 def snapshot(w: Path) -> dict:
@@ -156,6 +171,124 @@ def compare_case(damage_a, out="r.md"):
 
 def csv_(text: bytes):
     return lambda w, a: (a / "results/t/tables/table_2.csv").write_bytes(text)
+
+
+def fid_case(damage, **over):
+    """The fid stage of the trained run (digits features) after damage(w, run), its metric deleted."""
+    def setup(w, run):
+        (w / run / "metrics_nfe1.json").unlink()
+        damage(w, run)
+        return ["fid", "--params", p_(w, **{"sample": DIGITS, **over}), "--no-progress"], None
+    return setup
+
+
+def other_weights(w, run):
+    """The run's EMA file replaced by other weights (another training's, say) in the same layout."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(w / run / "ema.safetensors", "pt") as f:
+        t, meta = {k: f.get_tensor(k) + 0.01 for k in f.keys()}, f.metadata()
+    save_file(t, str(w / run / "ema.safetensors"), meta)
+
+
+def digits_refstats(mu=None, sigma=None, raw: bytes | None = None):
+    """Replace the digits reference statistics, updating the sha256 their manifest records (so
+    only the content check can catch it)."""
+    def damage(w, run):
+        import numpy as np
+        f = w / "data/t/refstats_digits.npz"
+        with np.load(f) as z:
+            m, s = z["mu"], z["sigma"]
+        if raw is not None:
+            f.write_bytes(raw)
+        else:
+            np.savez(f, mu=mu(m) if mu else m, sigma=sigma(s) if sigma else s)
+        meta = json.loads(f.with_suffix(".json").read_text())
+        meta["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+        f.with_suffix(".json").write_text(json.dumps(meta))
+    return damage
+
+
+def nan_at_0(a):
+    a = a.copy()
+    a.flat[0] = float("nan")
+    return a
+
+
+def adm_nan(w, run):
+    import numpy as np
+    np.savez(w / "adm.npz", mu=np.zeros(4), sigma=nan_at_0(np.eye(4)))
+    return ["refstats", "--params", p_(w, data={"refstats_source": "adm", "refstats_npz": str(w / "adm.npz")})], None
+
+
+def alias_bomb(levels: int = 10) -> str:
+    lines = ["tier: t", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines + ["tiers: {t: {}}"]) + "\n"
+
+
+def tier_named(name: str, mod: str = "acquire"):
+    def setup(w, run):
+        (w / "esc.yaml").write_text(yaml.safe_dump({"tier": name, "tiers": {name: params(w)["tiers"]["t"]}}))
+        return [mod, "--params", w / "esc.yaml"], None
+    return setup
+
+
+class Holder:
+    """Another process's lock on the run directory: this test process holds it (POSIX locks are per
+    process, so the stage's subprocess sees it held)."""
+
+    def __init__(self, run_dir):
+        from meanflow.training.lock import RunLock
+        self.lock = RunLock(run_dir).acquire()
+
+    def release(self):
+        self.lock.release()
+
+
+def locked(w, run):
+    redo_training(w, run)
+    return ["train", "--params", p_(w), "--no-progress"], None, {"hold": Holder(w / run)}
+
+
+def killed_leftovers(w, run):
+    """What a SIGKILL during the final EMA write and during a checkpoint write leaves."""
+    redo_training(w, run)
+    (w / run / f".ema.safetensors.{99999}.tmp").write_bytes(b"partial")
+    (w / run / "checkpoints/.tmp-step-00000012-99999").mkdir()
+    (w / run / "checkpoints/.tmp-step-00000012-99999/model.safetensors").write_bytes(b"partial")
+    return ["train", "--params", p_(w), "--no-progress"], run
+
+
+def write_limit(w: Path, run: Path, name: str) -> int:
+    """A file-size limit (RLIMIT_FSIZE) one byte under that checkpoint file's size: writing it
+    fails as on a full disk, and the smaller files written before it still fit."""
+    return (w / run / "checkpoints/step-00000012" / name).stat().st_size - 1
+
+
+def ckpt_write_fails(w, run):
+    redo_training(w, run)
+    limit = write_limit(w, run, "state.pt")
+    assert limit > (w / run / "checkpoints/step-00000012/model.safetensors").stat().st_size
+    shutil.rmtree(w / run / "checkpoints")   # trains from step 0, so writes the checkpoint of step 4
+    return ["train", "--params", p_(w), "--no-progress"], run, {"fsize": limit}
+
+
+def ema_write_fails(w, run):
+    redo_training(w, run)   # resumes at the last step: only the final EMA and manifest are written
+    return ["train", "--params", p_(w), "--no-progress"], run, {"fsize": write_limit(w, run, "ema.safetensors")}
+
+
+class Payload:
+    """A pickle that would run a shell command when unpickled (touch PWNED)."""
+
+    def __reduce__(self):
+        return os.system, ("touch PWNED",)
+
+
+def pickled_weights(w, run):
+    torch.save({"w": torch.zeros(2), "x": Payload()}, w / "evil.pth")
+    return ["refstats", "--params", p_(w, data={"inception_weights": str(w / "evil.pth")})], None
 
 
 HEADER = b"row,setting,paper FID,our FID,NFE,paper epochs,our steps,run\n"
@@ -250,6 +383,39 @@ CASES = {
                                                 None))[1], 2, "x.tar.gz: not a readable bundle"),
     "export_out_is_dir": (lambda w, run: (["export", "--tier", "t", "--root", result_set(w / "a"), "--out", w / "a"], None),
                           2, "is a directory"),
+    # a metric labelled with its run: the samples must be of this run id and of its weights
+    "fid_samples_of_other_run": (fid_case(EMPTY, train={"lr": 0.002}), 1, "samples of run"),
+    "fid_samples_of_other_weights": (fid_case(other_weights), 1, "samples of weights sha256"),
+    # never a NaN as a result: reference statistics checked (shape, finite) wherever they are read
+    "refstats_mu_nan": (fid_case(digits_refstats(mu=nan_at_0)), 1, "refstats_digits.npz: mu has 1 non-finite value"),
+    "refstats_sigma_wrong_shape": (fid_case(digits_refstats(sigma=lambda s: s[:3, :3])), 1,
+                                   "sigma (3, 3) are not the statistics of one feature space"),
+    "refstats_npz_garbage": (fid_case(digits_refstats(raw=b"PK\x03\x04 not a zip")), 1,
+                             "refstats_digits.npz: not readable reference statistics"),
+    "adm_import_sigma_nan": (adm_nan, 1, "adm.npz: sigma has 1 non-finite value"),
+    # hostile files: a YAML alias bomb is refused at once; a tier name cannot leave the roots
+    "params_alias_bomb": (params_text(alias_bomb().encode()), 1, "bad.yaml: refused: its aliases expand to 1.23e+10 nodes"),
+    "compare_params_alias_bomb": (compare_case(lambda w, a: (a / "params.yaml").write_text(alias_bomb())), 2,
+                                  "params.yaml is not readable (YAMLRefused: refused: its aliases expand"),
+    "tier_name_traversal": (tier_named("../../esc"), 1, "'../../esc' does not match"),
+    "tier_name_traversal_train": (tier_named("../../esc", "train"), 1, "'../../esc' does not match"),
+    "tier_cli_traversal": (lambda w, run: (["encode", "--params", p_(w), "--tier", "../../esc"], None), 1,
+                           "tier '../../esc' not in tiers"),
+    "steps_1e30": (with_params("train", train={"steps": 1e30}), 1, "train.steps: 1e+30 is not of type 'integer'"),
+    # one process per run directory; a bad launch environment fails before the work
+    "run_locked": (locked, 1, "in use by PID"),
+    "local_world_size_abc": (lambda w, run: (redo_training(w, run), ["train", "--params", p_(w), "--no-progress"], None,
+                                             {"env": {"LOCAL_WORLD_SIZE": "abc"}})[1:], 1,
+                             "environment: LOCAL_WORLD_SIZE = 'abc' is not an integer"),
+    "rank_beyond_world": (lambda w, run: (["sample", "--params", p_(w)], None, {"env": {"RANK": "2", "WORLD_SIZE": "2"}}),
+                          1, "RANK = 2 does not fit WORLD_SIZE = 2"),
+    # temp files: a killed run's are removed by the next (under its lock); a failed write leaves none
+    "killed_write_leftovers": (killed_leftovers, 0, ".ema.safetensors.99999.tmp"),
+    "ckpt_write_fails": (ckpt_write_fails, 1, "step-00000004/state.pt: OSError: write failed"),
+    "ema_write_fails": (ema_write_fails, 1, "ema.safetensors: OSError: write failed"),
+    # a pickled payload in a weights file: refused in one line, never run, weights_only=False never suggested
+    "weights_pickle_refused": (pickled_weights, 1,
+                               "refused by weights-only loading: it pickles posix.system, not only tensors"),
     "export_params_not_utf8": (lambda w, run: (((result_set(w / "a") / "params.yaml").write_bytes(b"\xfe\xff")),
                                                ["export", "--tier", "t", "--root", w / "a", "--out", w / "o.tgz"], None)[1:],
                                2, "params.yaml: not readable YAML"),
@@ -267,17 +433,29 @@ def test_fault(name, project, tmp_path):
     setup, code, culprit = CASES[name]
     w = tmp_path / "w"
     run = fresh(project, w)
-    argv, out = setup(w, run)
+    argv, out, *extra = setup(w, run)
+    extra = extra[0] if extra else {}
     out = w / out if out is not None else None
     before = snapshot(w)
-    r = cli(*argv, cwd=w, env={"TORCH_HOME": str(tmp_path / "torch-home")})  # no Inception weights cached
-    after = snapshot(w)
+    limit = extra.get("fsize")
+    try:
+        r = cli(*argv, cwd=w, env={"TORCH_HOME": str(tmp_path / "torch-home"), **extra.get("env", {})},  # no Inception cached
+                preexec=(lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))) if limit else None)
+        after = snapshot(w)
+    finally:
+        if "hold" in extra:
+            extra["hold"].release()
+    print(f"{name}: exit {r.returncode}: {(r.stderr.strip().splitlines() or [''])[-1][:400]}")   # -rP: the closing note's table
     assert r.returncode == code, f"{name}: exit {r.returncode}\n{r.stderr[-3000:]}"
     assert "Traceback" not in r.stderr, r.stderr
     assert culprit in r.stderr, f"{name}: {culprit!r} not in\n{r.stderr[-3000:]}"
+    assert "weights_only=False" not in r.stderr   # never advised: it runs the file's pickled code
     if code:
         errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1, r.stderr
+        tail = r.stderr.rstrip().splitlines()
+        tail = tail[tail.index(errors[0]) + 1:]   # only the indented list of a schema error may follow
+        assert all(ln.startswith("  ") for ln in tail), f"{name}: the error is not one last line\n{r.stderr}"
     outside = lambda snap: {k: v for k, v in snap.items()  # noqa: E731
                             if out is None or not (w / k).is_relative_to(out)}
     assert outside(after) == outside(before), f"{name}: files outside {out} changed"
@@ -287,6 +465,8 @@ def test_fault(name, project, tmp_path):
         for f in ("ema.safetensors", "checkpoints/step-00000012/model.safetensors"):
             assert (w / run / f).read_bytes() == (ref / run / f).read_bytes(), f
         assert list((w / run / "checkpoints").glob("*.damaged"))
+    if name == "killed_write_leftovers":   # the run finished as if never killed
+        assert (w / run / "ema.safetensors").read_bytes() == (ref / run / "ema.safetensors").read_bytes()
     if name.startswith(("shard_", "store_shard")):                 # the shard remade, identically
         d = "data/t/store" if name.startswith("store") else run / "samples_nfe1"
         for f in (ref / d).glob("shard-*.np*"):
@@ -315,3 +495,65 @@ def test_sigint_checkpoints_and_exits_130(project, tmp_path):
     assert "Traceback" not in err and "interrupted: checkpoint of step" in err
     step = int(err.split("interrupted: checkpoint of step ")[1].split()[0])
     assert checkpoints(rd)[-1][0] == step < 400 and not (rd / "ema.safetensors").exists()
+
+
+def test_second_trainer_of_a_run_is_refused_while_the_first_goes_on(project, tmp_path):
+    """Two `stages.train` of one run at once: the second exits 1 naming the first's PID and host and
+    touches nothing; the first goes on, its metrics log has each step once, in order, and no temp
+    directory is left."""
+    import platform
+    w = tmp_path / "w"
+    run = fresh(project, w)
+    redo_training(w, run)
+    shutil.rmtree(w / run / "checkpoints")
+    params = p_(w, train={"steps": 400})
+    rd = w / config.load(params).run_dir
+    first = subprocess.Popen([sys.executable, "-m", "stages.train", "--params", params, "--no-progress"],
+                             cwd=w, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not checkpoints(rd) and time.time() - t0 < 120 and first.poll() is None:
+        time.sleep(0.01)
+    mine = lambda k: "dvclive" in k or "checkpoints" in k or k.endswith(".lock")  # noqa: E731 - the first run's
+    before = {k: v for k, v in snapshot(w).items() if not mine(k)}
+    second = cli("train", "--params", params, "--no-progress", cwd=w)
+    assert first.poll() is None, "the first run ended before the second started"
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+    assert f"in use by PID {first.pid} on {platform.node()}" in second.stderr, second.stderr
+    assert {k: v for k, v in snapshot(w).items() if not mine(k)} == before
+    assert first.returncode == EXIT_INTERRUPTED, err
+    steps = [int(ln.split("\t")[0]) for ln in (rd / "dvclive/plots/metrics/train/loss.tsv").read_text().splitlines()[1:]]
+    assert steps == sorted(set(steps)) and steps, steps
+    assert not list(rd.rglob(".tmp-*")) and not (rd / ".lock").exists()
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.4, 1.0])
+def test_ctrl_c_while_a_stage_imports_is_one_line(delay, tmp_path):
+    """Ctrl-C in a stage's first second (it is importing torch, jsonschema, ...): exit 130 and one
+    line, no traceback through the import machinery."""
+    p = subprocess.Popen([sys.executable, "-m", "stages.train", "--params", write(tmp_path)], cwd=tmp_path, env=ENV,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted", err
+
+
+def test_run_id_hashes_what_shapes_the_weights():
+    """The same configuration under two data roots (or two clusters) is one run; a number in either
+    spelling of its type is one run; site keys hashed at their default keep the ids named before."""
+    base = params(Path("."))["tiers"]["t"]
+    cfg = config.build(base, "t")
+    moved = config.build(config.deep_merge(base, {"data": {"root": "/b/data", "source_path": "/mnt/x",
+                                                           "inception_weights": "/w/pt_inception.pth"}}), "t")
+    assert moved.run_id == cfg.run_id and moved.params_hash != cfg.params_hash   # params hash: everything, paths too
+    assert moved.previous_run_id != moved.run_id and cfg.previous_run_id == cfg.run_id
+    spelled = config.build(config.deep_merge(base, {"train": {"steps": float(STEPS), "lr": 1}, "sample": {"nfe": [1.0]}}), "t")
+    assert spelled.train.steps == STEPS and type(spelled.train.steps) is int and spelled.sample.nfe == (1,)
+    assert spelled.run_id == config.build(config.deep_merge(base, {"train": {"lr": 1.0}}), "t").run_id != cfg.run_id
+    for bad in (1e30, 2.5, True):
+        with pytest.raises(config.ConfigError, match="train.steps"):
+            config.build(config.deep_merge(base, {"train": {"steps": bad}}), "t")
+    with pytest.raises(config.ConfigError, match="tier '../x'"):
+        config.build(base, "../x")

@@ -65,6 +65,9 @@ def read_index(raw: Path) -> dict:
         return json.loads((Path(raw) / INDEX).read_text())
     except FileNotFoundError:
         raise DataError(f"{Path(raw) / INDEX}: no raw data index; run the acquire stage first") from None
+    except ValueError as e:   # not JSON, not UTF-8
+        raise DataError(f"{Path(raw) / INDEX}: damaged ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
+                        "delete it and rerun the acquire stage") from None
 
 
 def load_split(raw: Path, name: str) -> Split:

@@ -213,9 +213,12 @@ class Store:
         self.path = Path(path)
         try:
             self.manifest = m = json.loads((self.path / MANIFEST).read_text())
+            self.kind, self.shape, self.num_classes = m["kind"], tuple(m["shape"]), m["num_classes"]
         except FileNotFoundError:
             raise DataError(f"{self.path / MANIFEST}: no encoded store; run the encode stage first") from None
-        self.kind, self.shape, self.num_classes = m["kind"], tuple(m["shape"]), m["num_classes"]
+        except (ValueError, KeyError, TypeError) as e:   # not JSON, not UTF-8, not a store manifest
+            raise DataError(f"{self.path / MANIFEST}: damaged ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}); "
+                            f"delete it and rerun the encode stage (its shards are verified, not redone)") from None
         self.flip = flip
         self.scale = (m["latent_scale"] if scale is None else scale) if self.kind == "latent" else 1.0
         self._shards = [np.load(self.path / s["file"], mmap_mode="r") for s in m["shards"]]

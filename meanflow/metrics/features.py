@@ -164,6 +164,7 @@ def features_stage(cfg, epochs: int = EPOCHS) -> Path:
     log.info("digits feature net: accuracy %s", info["accuracy"])
     tmp = manifest.tmp_path(out)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), {"name": NAME})
+    manifest.readable(tmp)
     manifest.write_json(root / META, manifest.stamp(cfg, name=NAME, feature=FEATURE, dim=DIM, resolution=RES,
                                                    raw_sha256=raw["sha256"], count=len(x), **info,
                                                    sha256=manifest.file_hash(tmp)))
@@ -184,7 +185,7 @@ def extractor(weights: str | Path, features=(FEATURE, LOGITS), device="cpu"):
 def reference_stats(cfg, weights: Path) -> tuple[np.ndarray, np.ndarray, Path, dict]:
     """(mu, sigma) of the digits training data in the feature net's space, float64; cached in
     data/<tier>/refstats_digits.npz, recomputed when the feature net or the raw data changed."""
-    from .reference import Moments
+    from .reference import Moments, checked, load
     out = layout.data(cfg).root / REFSTATS
     meta_path = out.with_suffix(".json")
     w_sha = manifest.file_hash(weights)
@@ -193,19 +194,20 @@ def reference_stats(cfg, weights: Path) -> tuple[np.ndarray, np.ndarray, Path, d
         meta = json.loads(meta_path.read_text())
         if meta.get("weights_sha256") == w_sha and meta.get("raw_sha256") == raw["sha256"] \
                 and meta.get("sha256") == manifest.file_hash(out):
-            with np.load(out) as z:
-                return z["mu"], z["sigma"], out, meta
+            mu, sigma, _ = load(out)
+            return mu, sigma, out, meta
         log.info("%s: made with another feature net or data; recomputing", out)
     fe, acc = extractor(weights, (FEATURE,)), Moments()
     with torch.inference_mode():
         for b in range(0, len(x), 512):
             acc.update(fe(torch.from_numpy(x[b:b + 512]))[0].double().numpy())
+    mu, sigma = checked(acc.mean, acc.sigma, f"{weights} (features of {layout.data(cfg).raw})")
     tmp = manifest.tmp_path(out)
     with open(tmp, "wb") as f:
-        np.savez(f, mu=acc.mean, sigma=acc.sigma)
+        np.savez(f, mu=mu, sigma=sigma)
     meta = manifest.stamp(cfg, source="digits train split", extractor=NAME, feature=FEATURE, count=acc.n,
                           raw_sha256=raw["sha256"], weights=str(weights), weights_sha256=w_sha,
                           sha256=manifest.file_hash(tmp))
     manifest.write_json(meta_path, meta)
     os.replace(tmp, out)
-    return acc.mean, acc.sigma, out, meta
+    return mu, sigma, out, meta

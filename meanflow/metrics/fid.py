@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import layout, manifest, runtime, shards as shardsmod
-from ..sampling import schedules
+from ..sampling import schedules, weights_path
 from . import features as digits, uncertainty
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ def frechet(mu1, sigma1, mu2, sigma2) -> float:
     s1 = {"mu": np.asarray(mu1, np.float64), "sigma": np.asarray(sigma1, np.float64)}
     s2 = {"mu": np.asarray(mu2, np.float64), "sigma": np.asarray(sigma2, np.float64)}
     if s1["mu"].shape != s2["mu"].shape or s1["sigma"].shape != s2["sigma"].shape:
-        raise MetricError(f"statistics of {s1['mu'].shape} and {s2['mu'].shape} features cannot be compared")
+        raise MetricError(f"statistics of different feature spaces cannot be compared: mu {s1['mu'].shape}, sigma "
+                          f"{s1['sigma'].shape} against mu {s2['mu'].shape}, sigma {s2['sigma'].shape}")
     return float(fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID])
 
 
@@ -146,6 +147,15 @@ def evaluate(cfg, nfe: int, allow_fewer: bool = False, inception_weights: str | 
         want = {"nfe": nfe, "seed": s.seed, "times": schedules(cfg, [nfe], MetricError)[nfe]}
     except ValueError as e:
         raise MetricError(str(e)) from None
+    # the samples of this run's weights: a run directory is named by its row, so after a value
+    # changed it may hold the samples of the run it named before (stages.sample checks the same)
+    if plan.get("run_id") != cfg.run_id:
+        raise MetricError(f"{out}: samples of run {plan.get('run_id')}, but the config's run is {cfg.run_id}; "
+                          f"delete {out} and rerun stages.sample")
+    w = weights_path(cfg)
+    if w.is_file() and manifest.file_hash(w) != plan.get("weights_sha256"):
+        raise MetricError(f"{out}: samples of weights sha256 {str(plan.get('weights_sha256'))[:12]}..., not of {w} "
+                          f"(sha256 {manifest.file_hash(w)[:12]}...); delete {out} and rerun stages.sample")
     diff = {k: (plan.get(k), v) for k, v in want.items() if plan.get(k) != v}
     if plan["n"] > s.n:
         diff["n"] = (plan["n"], s.n)
@@ -174,6 +184,9 @@ def evaluate(cfg, nfe: int, allow_fewer: bool = False, inception_weights: str | 
         feats: list = []
         acc, logits = extract(space.fe, arrays(), s.fid_batch, device, bar, feats)
     value = frechet(acc.mean, acc.sigma, space.mu, space.sigma)
+    if not np.isfinite(value):   # never a NaN in metrics JSON (strict readers reject it; a table would show it)
+        raise MetricError(f"{out}: {space.metric} against {space.ref_path} is {value}, not a finite number; "
+                          "nothing written")
     boot = uncertainty.bootstrap(np.concatenate(feats), space.mu, space.sigma, value)
     isc = inception_score(logits)
     log.info("run %s nfe=%d: %s = %.4f over %d samples", cfg.run_id, nfe, space.metric, value, count)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,20 @@ class Moments:
         return self.m2 / (self.n - 1)
 
 
+def checked(mu, sigma, path, error: type[Exception] = DataError) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) as float64 if they are statistics of one feature space (mu: d, sigma: d x d) and
+    finite; else `error` naming the file and what is wrong (a NaN would become the FID)."""
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise error(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not the statistics of one feature "
+                    "space (mu: d, sigma: d x d)")
+    for name, a in (("mu", mu), ("sigma", sigma)):
+        bad = np.size(a) - np.isfinite(a).sum()
+        if bad:
+            raise error(f"{path}: {name} has {bad} non-finite value(s) (NaN or infinity); remake it")
+    return mu, sigma
+
+
 def inception_weights(path: str | None) -> Path:
     """A local weights file, checked to hold only tensors (torch-fidelity itself loads it with
     weights_only=False); None fetches torch-fidelity's release file into the torch hub cache."""
@@ -72,7 +87,7 @@ def inception_weights(path: str | None) -> Path:
     try:
         torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"{p}: not a plain state dict of tensors ({type(e).__name__}: {e})") from None
+        raise DataError(f"{p}: not a plain state dict of tensors ({manifest.load_error(e)})") from None
     return p
 
 
@@ -86,9 +101,7 @@ def import_adm(src: str, cache: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         missing = [k for k in ("mu", "sigma") if k not in z.files]
         if missing:
             raise DataError(f"{path}: no array {' or '.join(missing)} (want ADM's reference batch with mu and sigma)")
-        mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise DataError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+        mu, sigma = checked(z["mu"], z["sigma"], path)
     return mu, sigma, {"source": "adm", "npz": src, "npz_sha256": manifest.file_hash(path)}
 
 
@@ -123,7 +136,7 @@ def compute(cfg) -> tuple[np.ndarray, np.ndarray, dict]:
             "raw_sha256": index["splits"][d.encode_split]["sha256"], "raw_inputs": index.get("inputs"),
             "weights": str(weights) if weights else None,
             "weights_sha256": manifest.file_hash(weights) if weights else None, "skipped": skipped}
-    return acc.mean, acc.sigma, info
+    return *checked(acc.mean, acc.sigma, f"{p.raw} ({d.fid_extractor} features)"), info
 
 
 def refstats(cfg) -> Path:
@@ -148,10 +161,19 @@ def refstats(cfg) -> Path:
     return out
 
 
-def load(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(mu, sigma, manifest) of a refstats.npz written by this stage."""
+def load(path: str | Path, error: type[Exception] = DataError) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(mu, sigma, manifest) of a refstats.npz written by this stage (or the digits features'),
+    checked: readable, one feature space, finite; else `error` naming the file."""
     path = Path(path)
-    with np.load(path, allow_pickle=False) as z:
-        mu, sigma = z["mu"], z["sigma"]
-    meta = path.with_name(META)
-    return mu, sigma, json.loads(meta.read_text()) if meta.exists() else {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            mu, sigma = z["mu"], z["sigma"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise error(f"{path}: not readable reference statistics ({type(e).__name__}: "
+                    f"{(str(e).splitlines() or [''])[0]}); delete it and rerun its stage") from None
+    mu, sigma = checked(mu, sigma, path, error)
+    meta = path.with_name(META if path.name == layout.REFSTATS else path.with_suffix(".json").name)
+    try:
+        return mu, sigma, json.loads(meta.read_text()) if meta.exists() else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{meta}: damaged ({type(e).__name__}); delete it and {path} and rerun its stage") from None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..layout import CKPT_DIR
+from ..manifest import file_hash, load_error, readable, tmp_path, writing
 
 if TYPE_CHECKING:   # torch is imported where it is used: checkpoints() and run identity stay torch-free
     from torch import nn
@@ -56,19 +57,26 @@ def save_checkpoint(run_dir: Path, step: int, net: nn.Module, ema, opt, extra: d
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    meta = {"step": str(step)}
-    save_model(net, str(tmp / "model.safetensors"), meta)
-    save_model(ema.net, str(tmp / "ema.safetensors"), meta)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng, **extra}, tmp / "state.pt")
-    from ..manifest import file_hash
-    hashes = {f.name: file_hash(f) for f in sorted(tmp.iterdir())}
-    (tmp / HASHES).write_text(json.dumps(hashes, indent=1) + "\n")
-    for f in tmp.iterdir():
-        _fsync(f)
-    os.replace(tmp, final)
+    try:   # a failed write (full disk) leaves no temp directory; the error names the file
+        meta = {"step": str(step)}
+        for name, m in (("model.safetensors", net), ("ema.safetensors", ema.net)):
+            with writing(final / name):
+                save_model(m, str(tmp / name), meta)
+            readable(tmp / name)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        with writing(final / "state.pt"):
+            torch.save({"step": step, "optimizer": opt.state_dict(), "rng": rng, **extra}, tmp / "state.pt")
+        hashes = {f.name: file_hash(f) for f in sorted(tmp.iterdir())}
+        with writing(final / HASHES):
+            (tmp / HASHES).write_text(json.dumps(hashes, indent=1) + "\n")
+        for f in tmp.iterdir():
+            _fsync(f)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _fsync(root)
     for _, old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -97,7 +105,6 @@ def read_state(path: Path) -> dict:
 
 def damage(path: Path) -> str | None:
     """What is wrong with checkpoint dir `path` (None: every file has its recorded sha256)."""
-    from ..manifest import file_hash
     try:
         hashes = json.loads((path / HASHES).read_text())
     except FileNotFoundError:
@@ -134,7 +141,7 @@ def resume_latest(run_dir: Path, net: nn.Module, ema, opt, device, run_id: str, 
                             os.replace(b, b.with_name(b.name + ".damaged"))
                     return step, path, state
             except Exception as e:  # safetensors' own error, UnpicklingError, EOFError, KeyError, ...
-                why = f"does not load ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+                why = f"does not load ({load_error(e)})"
         log.warning("checkpoint %s is damaged: %s; trying the previous one", path, why)
         bad.append(path)
         why_all.append(f"{path.name} ({why})")
@@ -145,9 +152,15 @@ def resume_latest(run_dir: Path, net: nn.Module, ema, opt, device, run_id: str, 
 
 
 def tmp_leftovers(run_dir: Path) -> None:
-    """Remove the temp dirs of a run killed while writing a checkpoint."""
-    for tmp in (Path(run_dir) / CKPT_DIR).glob(".tmp-step-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Remove the temp files of a run killed while writing: checkpoint temp dirs, and the final EMA's
+    and manifest's temp files (.ema.safetensors.<pid>.tmp). Called under the run's lock
+    (lock.py), so no live process is writing them."""
+    for tmp in [*(Path(run_dir) / CKPT_DIR).glob(".tmp-step-*"), *Path(run_dir).glob(".*.tmp")]:
+        log.info("removing %s: left by a run killed while writing it", tmp)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def save_final_ema(path: Path, ema_net: nn.Module, meta: dict) -> Path:
@@ -155,9 +168,13 @@ def save_final_ema(path: Path, ema_net: nn.Module, meta: dict) -> Path:
     order, varying the bytes per process) and no params hash (it covers paths and cadences;
     train_manifest.json has it): equal weights, equal bytes."""
     from safetensors.torch import save_model
-    from ..manifest import tmp_path
     tmp = tmp_path(path)
-    save_model(ema_net, str(tmp), {"meanflow": json.dumps(meta)})
-    _fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            save_model(ema_net, str(tmp), {"meanflow": json.dumps(meta)})
+        readable(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

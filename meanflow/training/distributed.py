@@ -4,7 +4,6 @@ DDP's reducer does not see, so gradients live in one flat buffer per dtype and a
 averaged after backward (as DDP would)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,8 @@ class Dist:
 
 def init_distributed(device: str = "auto", error: type[Exception] = RuntimeError) -> Dist:
     """One process per device; a process group from the torchrun environment when WORLD_SIZE > 1."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    from ..launch import torchrun_env
+    rank, world = torchrun_env(error)[:2]
     dev = runtime.device(device, "train.device", error)
     owns = False
     if world > 1 and not dist.is_initialized():

@@ -190,6 +190,8 @@ class Loop:
             self.bar.close()
         if self.pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        for r in self.group.replicas:
+            r.records.release()
 
     def _fetch(self, k: int) -> tuple:
         with torch.cuda.device(self.env.device) if self.env.device.type == "cuda" else nullcontext():

@@ -16,6 +16,7 @@ from pathlib import Path
 from .. import layout
 from .checkpoint import (CheckpointError, checkpoints, read_state, resume_latest, save_checkpoint, save_final_ema,
                          tmp_leftovers)
+from .lock import LOCK, RunLock
 
 log = logging.getLogger(__name__)
 METRICS = ("loss", "loss_unweighted", "mse", "v_loss")   # the objective's LossOutput fields, as logged
@@ -62,7 +63,7 @@ def set_aside(run_dir: Path, run_id: str) -> Path | None:
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     for f in Path(run_dir).iterdir():
-        if f.name != layout.SUPERSEDED and not f.name.startswith(".snakemake"):
+        if f.name not in (layout.SUPERSEDED, LOCK) and not f.name.startswith(".snakemake"):
             os.replace(f, dest / f.name)
     log.warning("%s held run %s, not %s (its experiment's values changed): moved to %s", run_dir, old, run_id, dest)
     return dest
@@ -101,14 +102,15 @@ class Records:
         self.run_dir = self.paths.root
         self.train_seconds = 0.0   # of earlier attempts (from the checkpoint resumed)
         self.ckpt: Path | None = None   # the last checkpoint written or resumed
-        self.live = None
+        self.live, self.lock = None, None
         self.wall0 = self.started = time.time()
         self.sums, self.window, self.t_log = [0.0] * len(METRICS), 0, time.perf_counter()
 
     def resume(self, net, ema, opt) -> int:
         """The next step to run: 0, or the step of the newest intact checkpoint, loaded."""
         self.wall0 = time.time()
-        if self.env.main:  # another config's run in this row's directory: out of the way, not resumed
+        if self.env.main:  # the run directory is ours until release(); another config's run there: out of the way
+            self.lock = RunLock(self.run_dir, TrainError).acquire()
             set_aside(self.run_dir, self.cfg.run_id)
         self.env.barrier()
         ck = checkpoints(self.run_dir)
@@ -127,6 +129,11 @@ class Records:
                 log.info("resuming run %s from %s", self.cfg.run_id, self.ckpt)
         self.started = time.time()
         return k
+
+    def release(self):
+        """Let go of the run directory (rank 0's lock, taken by resume)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def open(self, k: int):
         """Metrics from step k on (rank 0)."""

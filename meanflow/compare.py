@@ -88,7 +88,9 @@ def _unpack(bundle: Path, into: Path) -> Path:
         with tarfile.open(bundle, "r:*") as tf:
             tf.extractall(into, filter="data")
     except (tarfile.TarError, OSError) as e:
-        raise CompareError(f"{bundle}: not a readable bundle ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from e
+        why = "not a tar archive, compressed or plain" if isinstance(e, tarfile.ReadError) else \
+            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"   # tarfile lists every method it tried
+        raise CompareError(f"{bundle}: not a readable bundle ({why})") from e
     return into
 
 

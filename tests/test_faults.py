@@ -477,18 +477,25 @@ def test_enough_cases():
     assert len(CASES) >= 30
 
 
-def test_sigint_checkpoints_and_exits_130(project, tmp_path):
+def training(project, tmp_path, steps: int):
+    """The project's run trained anew to `steps` by a background `stages.train`, returned once its
+    first checkpoint exists: (project copy, run directory, params file, the process)."""
     w = tmp_path / "w"
     run = fresh(project, w)
     redo_training(w, run)
     shutil.rmtree(w / run / "checkpoints")
-    params = p_(w, train={"steps": 400})
+    params = p_(w, train={"steps": steps})
     rd = w / config.load(params).run_dir
     p = subprocess.Popen([sys.executable, "-m", "stages.train", "--params", params, "--no-progress"],
                          cwd=w, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while not checkpoints(rd) and time.time() - t0 < 120 and p.poll() is None:
         time.sleep(0.01)
+    return w, rd, params, p
+
+
+def test_sigint_checkpoints_and_exits_130(project, tmp_path):
+    _, rd, _, p = training(project, tmp_path, 400)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == EXIT_INTERRUPTED == 130, err
@@ -502,17 +509,7 @@ def test_second_trainer_of_a_run_is_refused_while_the_first_goes_on(project, tmp
     touches nothing; the first goes on, its metrics log has each step once, in order, and no temp
     directory is left."""
     import platform
-    w = tmp_path / "w"
-    run = fresh(project, w)
-    redo_training(w, run)
-    shutil.rmtree(w / run / "checkpoints")
-    params = p_(w, train={"steps": 400})
-    rd = w / config.load(params).run_dir
-    first = subprocess.Popen([sys.executable, "-m", "stages.train", "--params", params, "--no-progress"],
-                             cwd=w, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    t0 = time.time()
-    while not checkpoints(rd) and time.time() - t0 < 120 and first.poll() is None:
-        time.sleep(0.01)
+    w, rd, params, first = training(project, tmp_path, 100_000)   # still training when the second has started
     mine = lambda k: "dvclive" in k or "checkpoints" in k or k.endswith(".lock")  # noqa: E731 - the first run's
     before = {k: v for k, v in snapshot(w).items() if not mine(k)}
     second = cli("train", "--params", params, "--no-progress", cwd=w)

@@ -37,12 +37,13 @@ bench: $(STAMP) ## speed and memory ratios (bench/train_step.py)
 
 # run directories no table of the tier reads any more (e.g. an edited ablation's old run): listed;
 # DELETE=1 deletes them (and their logs)
-clean-runs: $(STAMP) ## list runs/<tier>/ directories no table reads; DELETE=1 deletes them
+clean-runs: $(STAMP) ## list runs/<tier>/ directories no table reads and leftover checkpoints; DELETE=1 deletes them
 	$(PY) -m stages.clean --tier $(TIER) $(if $(DELETE),--delete)
 
 # DVC records what Snakemake produced (docs/versioning.md): dvc.lock gets the hashes of the tier's
 # outputs, deps and params; nothing reruns. Outputs already hashed are not read again (DVC's state db).
 record: ## dvc.lock <- the hashes of what Snakemake produced for TIER (nothing reruns; commit dvc.lock)
+	$(PY) -m stages.check --tier $(TIER) >/dev/null   # results/$(TIER)/params.ok: DVC's first stage (Snakemake needs none)
 	$(VENV)/bin/dvc commit --force --with-deps --quiet tables-$(TIER)
 	$(VENV)/bin/dvc status --with-deps tables-$(TIER)
 

@@ -1,10 +1,10 @@
 """Pipeline overheads, measured in one run on a temp copy of the repository whose stages are fakes
 (they only write their outputs; tests/test_pipeline.py): no-op rerun time of Snakemake and of DVC
-(`dvc status`, `dvc repro`), the jobs rerun after one ablation value changes, and with --real the
-wall time of the tiny tier end to end (`snakemake` with the real stages, as `make run` does)."""
+(`dvc status`, `dvc repro`), the jobs Snakemake's dry run schedules after one ablation value
+changes (counted on the tier Snakemake finished, before DVC rewrites any output), and with --real
+the wall time of the tiny tier end to end (`snakemake` with the real stages, as `make run` does)."""
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,6 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+import project_copy as pc  # noqa: E402
 import test_pipeline as tp  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -31,14 +32,22 @@ def main():
     p.add_argument("--real", action="store_true", help="also time the real tiny tier (minutes)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        repo = tp.copy_repo(Path(tmp))
-        for stage in tp.ORDER:
-            (repo / "stages" / f"{stage}.py").write_text(f"STAGE = {stage!r}\n" + tp.FAKE)
+        repo = pc.copy_repo(Path(tmp))
+        for stage in pc.ORDER:
+            (repo / "stages" / f"{stage}.py").write_text(f"STAGE = {stage!r}\n" + pc.FAKE)
         smk = [BIN / "snakemake", "--profile", "workflow/profiles/default", "--config", "tier=tiny"]
         full, _ = timed(smk, repo)
         noop, out = timed(smk, repo)
         assert "Nothing to be done" in out, out[-1000:]
         print(f"snakemake, tiny tier with fake stages: first run {full:.1f} s, no-op rerun {noop:.2f} s")
+        # one value changed on the finished tier (before DVC's repro rewrites every output), then put back
+        prm = repo / "params.yaml"
+        before = prm.read_text()
+        prm.write_text(before.replace("p_1p5: {meanflow: {p: 1.5}}", "p_1p5: {meanflow: {p: 1.6}}"))
+        jobs = [r for r, _, _ in tp.dry_jobs(repo, "tiny")]
+        print(f"after changing experiments.p_1p5.meanflow.p: snakemake's dry run schedules {len(jobs)} jobs "
+              f"({', '.join(sorted(jobs))})")
+        prm.write_text(before)
         # DVC: the tiny stages only (the other tiers have no data here)
         subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=repo, check=True)
         tiny = [BIN / "dvc", "repro", "--glob", "*-tiny*"]
@@ -49,13 +58,9 @@ def main():
         rep, _ = timed(tiny, repo)
         print(f"dvc, tiny tier with fake stages: first repro {full:.1f} s, no-op dvc status {st:.2f} s, "
               f"no-op dvc repro {rep:.2f} s")
-        prm = repo / "params.yaml"
-        prm.write_text(prm.read_text().replace("p_1p5: {meanflow: {p: 1.5}}", "p_1p5: {meanflow: {p: 1.6}}"))
-        jobs = [r for r, _, _ in tp.dry_jobs(repo, "tiny")]
-        print(f"after changing experiments.p_1p5.meanflow.p: snakemake reruns {len(jobs)} jobs ({', '.join(sorted(jobs))})")
     if args.real:
         with tempfile.TemporaryDirectory() as tmp:
-            repo = tp.copy_repo(Path(tmp))
+            repo = pc.copy_repo(Path(tmp))
             wall, _ = timed(smk, repo)
             print(f"tiny tier, real stages, fresh data: {wall / 60:.1f} min wall")
 

@@ -4,8 +4,10 @@ A result set is a directory (a project checkout after `dvc pull`, or an unpacked
 results/<tier>/tables/*.csv, runs/<tier>/<run>/{metrics_nfe*.json, *manifest.json}, and manifests
 of data/<tier>; or a bundle written by `bundle.export` (a .tar.gz with the same layout and bundle.json).
 
-`compare(a, b)` returns a Markdown report: every table's metric (named: FID, or fd_digits on tiny)
-side by side in table order with a noise-aware verdict per row (metrics/uncertainty.RULE: Welch
+`compare(a, b)` returns a Markdown report: first each set's internal consistency, a section per side
+(meanflow/consistency.py: table cells = the metrics files they were made from, files = the sha256s
+bundle.json and the tables' manifest record); then every table's metric (named: FID, or fd_digits
+on tiny) side by side in table order with a noise-aware verdict per row (metrics/uncertainty.RULE: Welch
 over the row's seeds; `no noise estimate` with one seed, then a per-tier relative tolerance is
 shown as a fallback only), every metrics file of the runs the tables use (bootstrap intervals),
 the params and environments that differ, and an artifact summary (counts, then only the
@@ -22,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from meanflow import layout, manifest, tables
+from meanflow import consistency, layout, manifest, tables
 from meanflow.bundle import BUNDLE_META
 from meanflow.metrics import uncertainty
 
@@ -43,6 +45,7 @@ class ResultSet:
     root: Path
     files: dict = field(default_factory=dict)        # relpath -> sha256
     rows: dict = field(default_factory=dict)         # (tier, table, row, nfe) -> csv row, in table order
+    sources: dict = field(default_factory=dict)      # (tier, table, row, nfe) -> the CSV's relpath
     runs: dict = field(default_factory=dict)         # (tier, run_id) -> True for the runs the tables name
     ignored: list = field(default_factory=list)      # run directories present but in no table
     manifests: dict = field(default_factory=dict)    # relpath -> manifest dict
@@ -129,6 +132,7 @@ def load(path: str | Path, name: str | None = None, workdir: Path | None = None)
         tier = p.parts[-3]
         for key, r in _table_rows(p, p.relative_to(root).as_posix(), tier, rs.name):
             rs.rows[key] = r
+            rs.sources[key] = p.relative_to(root).as_posix()
             for run in filter(None, (r.get(tables.RUN) or "").split(tables.SEP)):
                 rs.runs[(tier, run)] = True
     for p in sorted(root.rglob("*")):
@@ -212,6 +216,7 @@ class Report:
     rows_ok: int             # consistent, or one seed and within the fallback tolerance
     rows_bad: int            # differs, missing on a side, params differ, or outside the fallback
     params_differ: bool
+    inconsistent: list = field(default_factory=list)   # the sides ("A", "B") that disagree with themselves
 
 
 def _seeds(r) -> list[float]:
@@ -250,6 +255,13 @@ def compare(a: ResultSet, b: ResultSet, tol: float | None = None) -> Report:
              *(f"- metric on {t}: {names.get(t, 'FID')}" for t in tiers),
              f"- verdict: {uncertainty.RULE}; with one seed a relative fallback tolerance is shown "
              f"({', '.join(f'{t}: {fallback[t]:.0%}' for t in tiers)})", ""]
+    lines += ["## Internal consistency (each side against its own files)", ""]
+    inconsistent = []
+    for side, rs in (("A", a), ("B", b)):
+        c = consistency.check(rs)
+        lines += c.section(side)
+        if not c.ok:
+            inconsistent.append(side)
     ok = bad = 0
     any_params = False
     lines += ["## Metric by table (table order)", ""]
@@ -329,7 +341,7 @@ def compare(a: ResultSet, b: ResultSet, tol: float | None = None) -> Report:
             lines.append(f"Not compared ({rs.name}): {len(rs.ignored)} run directories no table uses: "
                          + ", ".join(f"`{x}`" for x in rs.ignored[:20]) + ("" if len(rs.ignored) <= 20 else ", ..."))
     lines.append("")
-    return Report("\n".join(lines), ok, bad, bool(diff) or any_params)
+    return Report("\n".join(lines), ok, bad, bool(diff) or any_params, inconsistent)
 
 
 def _kind(rel: str) -> str:

@@ -194,7 +194,7 @@ def _hashed(raw: dict) -> dict:
     return out
 
 
-RUN_NEUTRAL = ("runs_root", "device", "ckpt_every", "keep_ckpts", "log_every", "compile")
+RUN_NEUTRAL = ("runs_root", "device", "ckpt_every", "keep_ckpts", "keep_ckpts_done", "log_every", "compile")
 # (section, key): its "off" value, which leaves the run id as it was before the key existed
 OFF_DEFAULTS = {("data", "augment"): 0.0, ("train", "warmup_steps"): 0, ("train", "epochs"): None}
 

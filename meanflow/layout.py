@@ -132,6 +132,11 @@ def benchmark(tier: str, rule: str, name: str, root: str | Path = "benchmarks") 
     return Path(root) / tier / rule / f"{name}.tsv"
 
 
+def params_ok(tier: str, root: str | Path = "results") -> Path:
+    """results/<tier>/params.ok: stages.check's mark that params.yaml is valid for the tier (DVC's first stage)."""
+    return under(root, tier) / "params.ok"
+
+
 def results(tier: str, root: str | Path = "results", subset: list[str] | None = None) -> ResultPaths:
     """results/<tier>, or the outputs of an explicit table list `subset` (see ResultPaths)."""
     return ResultPaths.at(under(root, tier), subset)

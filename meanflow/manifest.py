@@ -65,7 +65,8 @@ def environment() -> dict:
     key package versions, the git commit, and the SLURM job when there is one."""
     import torch   # here, not at the top: a stage that only copies (meanflow.reuse) never loads torch
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-           "platform": platform.platform(), "host": platform.node(), "cpus": os.cpu_count()}
+           "platform": platform.platform(), "host": platform.node(), "cpus": os.cpu_count(),
+           "threads": torch.get_num_threads()}   # the stage's section `threads` (stages.use_threads)
     env["gpu_count"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
     env["gpu"] = torch.cuda.get_device_name(0) if env["gpu_count"] else None
     env["cuda"] = torch.version.cuda

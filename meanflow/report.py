@@ -19,6 +19,9 @@ TOPIC = {
     "3": "unconditional CIFAR-10 (U-Net, 1 NFE)",
     "5": "the CFG mixing kappa at effective guidance omega / (1 - kappa) = 2",
 }
+# the data set and metric of the paper's numbers in each table (reference/paper_results.csv)
+PAPER_SETTING = {"3": "CIFAR-10 32x32, FID-50K"}
+PAPER_DEFAULT = "ImageNet 256, FID-50K"
 
 
 def metric_of(base_cfg) -> tuple[str, str]:
@@ -52,7 +55,7 @@ def caption(df, table: str, tier: str, base_cfg, edited: dict[str, str], cols: d
     row, paper, ours = cols["row"], cols["paper"], cols["ours"]
     lines = [f"**Table {table}** ({tier} tier): {TOPIC.get(table, 'Table ' + table)}.", ""]
     p = _extremes(df, paper, row)
-    lines.append(f"*Paper* (ImageNet 256, FID-50K): best {p[0]}, worst {p[1]}." if p
+    lines.append(f"*Paper* ({PAPER_SETTING.get(table, PAPER_DEFAULT)}): best {p[0]}, worst {p[1]}." if p
                  else "*Paper*: no FIDs for these rows in reference/paper_results.csv.")
     o = _extremes(df, ours, row)
     n = sum(_num(v) is not None for v in df[ours])

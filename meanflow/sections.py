@@ -41,6 +41,7 @@ class DataConfig:
     fid_extractor: str
     fid_feature: str
     refstats_batch: int
+    threads: int
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ class TrainConfig:
     device: str
     ckpt_every: int
     keep_ckpts: int
+    keep_ckpts_done: int
+    threads: int
     log_every: int
     compile: bool
 
@@ -138,6 +141,7 @@ class SampleConfig:
     grid: int
     features: str
     fid_batch: int
+    threads: int
     guidance: dict
 
 

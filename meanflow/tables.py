@@ -315,10 +315,16 @@ def _plot_fid_vs_size(plan: Plan, name: str, plt):
         ax.errorbar([p[1] for p in pts], ys, yerr=err, marker="o", capsize=2)
         for (row, x, _), y in zip(pts, ys):
             ax.annotate(row, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
+        ax.set_xscale("log")   # ticks at the sizes themselves: a log axis under a decade labels every minor tick
+        from matplotlib.ticker import NullLocator
+        xs = sorted({p[1] for p in pts})
+        ax.set_xticks(xs, labels=[f"{x:,}" for x in xs])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
         ax.set_xlabel("depth x hidden^2 (tiny-tier size proxy)")
     elif pts:
         ax.errorbar([p[0] for p in pts], ys, yerr=err, marker="o", capsize=2)
+        ax.tick_params(axis="x", labelsize=7, labelrotation=30)
         ax.set_xlabel("model")
     else:
         ax.text(0.5, 0.5, "no Table 2 row measured", ha="center", va="center", transform=ax.transAxes)

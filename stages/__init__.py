@@ -76,11 +76,26 @@ class Job:
         return [c for c, s in zip(self.cfgs, self.sources) if reuse.adopt(c, s, stages) != set(stages)]
 
 
-def job(p: argparse.ArgumentParser, args, where: str = "", replicas: bool = False, **sections) -> Job:
+THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")   # what Snakemake sets for a job's threads
+
+
+def use_threads(n: int) -> None:
+    """The stage's torch CPU threads (a section's `threads` key): set in the environment before torch
+    is imported (torch reads OMP_NUM_THREADS once), and in torch if it already is; so a command gets
+    the same threads under Snakemake, DVC, SLURM and by hand, whatever those set."""
+    for v in THREADS:
+        os.environ[v] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+def job(p: argparse.ArgumentParser, args, where: str = "", replicas: bool = False, threads: str = "train",
+        **sections) -> Job:
     """The job of a run stage, resolved once (a bad --params/--tier/--experiment or value ends as an
     `error:` line): --params, --tier, --experiment; its replica --replicate, or every replica
     (`replicas`); then `sections` ({section: {key: value}}, None values dropped: the stage's own
-    CLI overrides) merged over each and validated again; `where` names the options in errors."""
+    CLI overrides) merged over each and validated again; `where` names the options in errors. The
+    process then uses section `threads`'s threads key (use_threads)."""
     from meanflow import plan
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with guard(p):
@@ -98,6 +113,7 @@ def job(p: argparse.ArgumentParser, args, where: str = "", replicas: bool = Fals
         over = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in sections.items()}
         if any(over.values()):
             cfgs = [_override(c, over, f"{args.params} with {where}") for c in cfgs]
+        use_threads(getattr(cfgs[0], threads).threads)
         return Job(cfgs, [pl.source_of(c) for c in cfgs])
 
 
@@ -172,5 +188,7 @@ def tier_stage(name: str, doc: str, fn, *errors: type[Exception], argv=None) -> 
 
     def stage():
         launch.torchrun_env(config.ConfigError)
-        return fn(config.load(args.params, tier=args.tier))
+        cfg = config.load(args.params, tier=args.tier)
+        use_threads(cfg.data.threads)
+        return fn(cfg)
     run(p, stage, *errors)

@@ -4,7 +4,7 @@ Resumable per shard. For a SLURM array: --worker $SLURM_ARRAY_TASK_ID --num-work
 task, then --merge once (the last worker to finish merges by itself)."""
 
 from meanflow import config, data
-from stages import parser, run
+from stages import parser, run, use_threads
 
 
 def main(argv=None):
@@ -16,6 +16,7 @@ def main(argv=None):
 
     def encode():
         cfg = config.load(args.params, tier=args.tier)
+        use_threads(cfg.data.threads)   # the encoded bytes depend on the thread count: the same under every tool
         return data.merge(cfg) if args.merge else data.encode(cfg, args.worker, args.num_workers)
     run(p, encode, data.DataError)
 

@@ -17,7 +17,7 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     # an earlier row's metrics of these very samples (meanflow.reuse), unless asked for other NFEs
-    j = job(p, args)
+    j = job(p, args, threads="sample")
     if args.nfe is None and not args.allow_fewer and not j.adopt(("fid",)):   # an earlier row's metrics
         return
     from meanflow import metrics

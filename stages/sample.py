@@ -9,11 +9,17 @@ writes demo/s/samples_nfe1/{shard-00000.npz, grid.png, manifest.json}; the model
 
 Splitting: --shard i --num-shards n on each job (e.g. a SLURM array), and/or torchrun
 --nproc-per-node P -m stages.sample ...; the bytes do not depend on the split. The last worker
-to finish writes the manifest."""
+to finish writes the manifest.
+
+--ckpt inside a row's run directory (runs/<tier>/<row>[-seed<i>]/...) without --experiment samples
+with that row's config (and replica), so the model and the manifest's run id are the row's."""
+import logging
 from pathlib import Path
 
 from meanflow import config
-from stages import EXPERIMENT, job, parser, run
+from stages import EXPERIMENT, guard, job, parser, run
+
+log = logging.getLogger("stages.sample")
 
 
 def weights(path: str | None) -> str | None:
@@ -21,6 +27,17 @@ def weights(path: str | None) -> str | None:
     if path is not None and Path(path).is_dir():
         return str(Path(path) / "ema.safetensors")
     return path
+
+
+def row_of(params: dict, tier: str, ckpt: str) -> tuple[str, int] | None:
+    """(experiment, replicate) of the plan's run whose directory holds `ckpt` (weights or a
+    checkpoint of it), or None: not inside one of the tier's run directories."""
+    from meanflow.plan import Plan
+    target = Path(ckpt).resolve()
+    for r in Plan(params, tier).runs.values():
+        if target.is_relative_to(Path(r.run_dir).resolve()):
+            return r.experiment, r.replicate
+    return None
 
 
 def main(argv=None):
@@ -41,6 +58,15 @@ def main(argv=None):
     p.add_argument("--t-min", type=float, help="iMF: start of the CFG interval (sample.guidance)")
     p.add_argument("--t-max", type=float, help="iMF: end of the CFG interval (sample.guidance)")
     args = p.parse_args(argv)
+    if args.ckpt and args.experiment is None:   # a row's weights: that row's model and run id, not the tier's
+        with guard(p):
+            params = config.load_params(args.params)
+            found = row_of(params, args.tier or params["tier"], args.ckpt)
+        if found is not None and found[0] is not None:
+            args.experiment, args.replicate = found
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+            log.warning("--ckpt %s is of row %s (replicate %d): sampling with --experiment %s --replicate %d",
+                        args.ckpt, *found, *found)
     plain = args.num_shards == 1 and all(getattr(args, k) is None for k in (
         "nfe", "steps", "ckpt", "out", "n", "schedule", "seed", "omega", "t_min", "t_max"))
     nfe = list(args.nfe or [])
@@ -48,7 +74,7 @@ def main(argv=None):
         nfe.append(len(args.schedule) - 1)
     given = " ".join(f"--{k} {v}" for k, v in vars(args).items()
                      if k in ("steps", "ckpt", "n", "schedule", "seed", "nfe") and v is not None)
-    j = job(p, args, given, train={"steps": args.steps},
+    j = job(p, args, given, threads="sample", train={"steps": args.steps},
             sample={"weights": weights(args.ckpt), "n": args.n, "seed": args.seed,
                     "schedule": args.schedule, "nfe": nfe or None})
     if plain and not j.adopt(("sample",)):   # an earlier row's samples

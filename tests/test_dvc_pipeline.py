@@ -3,6 +3,7 @@ of the repository whose stages are fast fakes (they write their outputs; the fid
 the run's meanflow.p): run -> `make record` -> `dvc status` clean -> push -> fresh clone -> pull ->
 both tools up to date; an ablation as a DVC experiment reruns only its chain and records its
 FIDs; params.yaml survives DVC's own rewrite."""
+import difflib
 import json
 import os
 import re
@@ -65,11 +66,12 @@ def make_repo(dst: Path, rows: list[str]) -> Path:
         (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, dst / name)
     for s in STAGES:
         (dst / "stages" / f"{s}.py").write_text(f"STAGE = {s!r}\n" + FAKE)
-    p = dst / "params.yaml"
-    text = re.sub(r"\n    tiny: \[1a.*\n", "\n    tiny: [1e]\n", p.read_text())
-    text = text.replace(", replicates: 3, group_replicas: true}", "}")   # one run per row: DVC's plumbing, not seeds
-    assert "group_replicas: true" not in text
-    p.write_text(re.sub(r"\n    1e: \[.*\n", f"\n    1e: [{', '.join(rows)}]\n", text))
+    from dvc.utils.serialize import modify_yaml
+    with modify_yaml(dst / "params.yaml") as p:   # as DVC edits it: the file keeps its layout
+        p["tables"]["tiers"]["tiny"] = ["1e"]
+        p["tables"]["rows"]["1e"] = [yaml.safe_load(r) if r.startswith("{") else r for r in rows]
+        for k in ("replicates", "group_replicas"):   # one run per row: DVC's plumbing, not seeds
+            del p["tiers"]["tiny"]["train"][k]
     sh(sys.executable, "workflow/scripts/dvcgen.py", cwd=dst)
     sh("git", "init", "-q", cwd=dst)
     sh("dvc", "init", "-q", cwd=dst)
@@ -131,9 +133,19 @@ def test_experiment_reruns_one_chain_and_records_metrics(tmp_path):
     sh("git", "commit", "-q", "-m", "record tiny", cwd=repo)
     base = json.loads((repo / "results/tiny/fid.json").read_text())
     assert base == {"1e": {"p_0.0": 1.0, "p_1.0": 11.0, "p_1.5": 16.0, "v01": 11.0}}
+    # a key the schema refuses (DVC asks for `+` on a new key): stopped at the check stage, before DVC
+    # removes any recorded output; the error says how to restore params.yaml (DVC leaves its edit)
+    r = sh("dvc", "exp", "run", "-S", "+experiments.p_1p5.meanflow.pp=1.2", cwd=repo, check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "experiment p_1p5" in out and "'pp' was unexpected" in out and "git checkout params.yaml" in out, out
+    assert ran(r.stdout) == {"check-tiny"}, r.stdout
+    st = sh("dvc", "status", cwd=repo).stdout
+    assert "deleted" not in st and "modified:" in st and "params.yaml" in st, st
+    sh("git", "checkout", "params.yaml", cwd=repo)
+    assert status_clean(repo)[0], status_clean(repo)[1]
     # plain `dvc exp run -S` on a value that changes a run (its run id): dvc.yaml stays current
     r = sh("dvc", "exp", "run", "-n", "e1", "-S", "experiments.p_1p5.meanflow.p=1.2", cwd=repo)
-    assert ran(r.stdout) == {"train-p_1p5-tiny", "sample-p_1p5-tiny", "fid-p_1p5-tiny", "tables-tiny"}, r.stdout
+    assert ran(r.stdout) == {"check-tiny", "train-p_1p5-tiny", "sample-p_1p5-tiny", "fid-p_1p5-tiny", "tables-tiny"}, r.stdout
     assert json.loads((repo / "results/tiny/fid.json").read_text())["1e"] == {**base["1e"], "p_1.5": 13.0}
     assert sh(sys.executable, "workflow/scripts/dvcgen.py", "--check", cwd=repo, check=False).returncode == 0
     show = json.loads(sh("dvc", "exp", "show", "--json", cwd=repo).stdout)
@@ -155,7 +167,7 @@ def test_experiment_reruns_one_chain_and_records_metrics(tmp_path):
         time.sleep(1)
     logs = sh("dvc", "queue", "logs", "q1", cwd=repo).stdout
     assert ran(logs) == {f"{s}-{n}-tiny" for s in ("train", "sample", "fid") for n in ("p_1p0", "tangent_v01")} \
-        | {"tables-tiny"}, logs
+        | {"check-tiny", "tables-tiny"}, logs
     # dvc.yaml lists only the recorded tier: `dvc metrics show` has the FIDs and nothing else
     metrics = sh("dvc", "metrics", "show", cwd=repo)
     assert metrics.stdout.split("\n")[0].split() == ["Path", "1e.p_0.0", "1e.p_1.0", "1e.p_1.5", "1e.v01"], metrics.stdout
@@ -195,8 +207,16 @@ def test_params_survive_dvc_rewrite(tmp_path):
     want = yaml.safe_load(p.read_text())
     want["experiments"]["p_1p5"]["meanflow"]["p"] = 1.2
     want["tiers"]["tiny"]["train"]["steps"] = 7
+    before = p.read_text().splitlines()
     apply_overrides(str(p), ["experiments.p_1p5.meanflow.p=1.2"])
     apply_overrides(str(p), ["tiers.tiny.train.steps=7"])
     assert yaml.safe_load(p.read_text()) == want
+    # and params.yaml is written as DVC writes it: the diff is the two changed lines, nothing else
+    diff = [ln for ln in difflib.unified_diff(before, p.read_text().splitlines(), lineterm="", n=0)
+            if ln[:1] in "+-" and ln[:3] not in ("+++", "---")]
+    assert diff == ["-      steps: 1100", "+      steps: 7", "-  p_1p5: {meanflow: {p: 1.5}}", "+  p_1p5: {meanflow: {p: 1.2}}"], diff
+    text = p.read_text()
+    apply_overrides(str(p), ["tier=tiny"])                 # a rewrite that changes nothing changes no byte
+    assert p.read_text() == text
     cfg = config.resolve(config.load_params(p), "imagenet")
     assert cfg.raw["data"]["refstats_npz"].endswith("/VIRTUAL_imagenet256_labeled.npz")

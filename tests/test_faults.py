@@ -37,7 +37,7 @@ def params(w: Path, **over) -> dict:
                      "vae": None, "flip": False, "root": "data", "device": "cpu", "workers": 0},
             "model": {"name": "custom", "depth": 1, "hidden": 32, "heads": 2, "patch": 4},
             "train": {"steps": STEPS, "batch": 16, "lr": 0.001, "ema": 0.9, "ckpt_every": CKPT, "keep_ckpts": 3,
-                      "log_every": 4, "device": "cpu", "runs_root": "runs"},
+                      "keep_ckpts_done": 3, "log_every": 4, "device": "cpu", "runs_root": "runs"},
             "sample": {"n": 20, "shard_size": 7, "batch": 10, "nfe": [1], "grid": 0, "device": "cpu"}}
     return {"tier": "t", "tiers": {"t": config.deep_merge(tier, over)}}
 
@@ -554,3 +554,27 @@ def test_run_id_hashes_what_shapes_the_weights():
             config.build(config.deep_merge(base, {"train": {"steps": bad}}), "t")
     with pytest.raises(config.ConfigError, match="tier '../x'"):
         config.build(base, "../x")
+
+
+def test_threads_come_from_params_whatever_the_launcher_set(project, tmp_path):
+    """A stage's torch threads are its section's `threads` key, set by the stage itself: the same
+    under Snakemake (which exports OMP_NUM_THREADS = the job's threads), DVC (which exports nothing)
+    and by hand; recorded in the manifests."""
+    w = tmp_path / "w"
+    fresh(project, w)
+    env = {k: v for k, v in ENV.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    for threads, outside in ((1, {"OMP_NUM_THREADS": "2"}), (2, {})):
+        params = p_(w, train={"threads": threads}, sample={"threads": threads})
+        for mod in ("train", "sample"):
+            r = subprocess.run([sys.executable, "-m", f"stages.{mod}", "--params", params, "--steps", str(13 + threads),
+                                "--no-progress"], cwd=w, env={**env, **outside}, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr
+        rd = w / config.load(params).run_dir.parent / config.build(
+            config.deep_merge(params_of(params), {"train": {"steps": 13 + threads}}), "t").run_id
+        assert json.loads((rd / "train_manifest.json").read_text())["env"]["threads"] == threads
+        shards = json.loads((rd / "samples_nfe1/manifest.json").read_text())["shards"]
+        assert {s["threads"] for s in shards} == {threads}
+
+
+def params_of(path: Path) -> dict:
+    return yaml.safe_load(Path(path).read_text())["tiers"]["t"]

@@ -113,6 +113,8 @@ def nested(a, b):
 def test_snakemake_and_dvc_agree(repo, tier):
     jobs = dry_jobs(repo, tier)
     dvc = {n: v for n, v in dvc_stages(repo).items() if re.search(rf"-{tier}(@|$)", n)}
+    # DVC's first stage, stages.check: Snakemake makes the same check as it parses (rules/common.smk)
+    assert dvc.pop(f"check-{tier}")[0] == f"python -m stages.check --params params.yaml --tier {tier}"
     assert sorted(c for _, _, c in jobs) == sorted(c for c, _ in dvc.values())
     by_cmd = {c: outs for c, outs in dvc.values()}
     for rule, outs, cmd in jobs:   # every output on one side is, holds or lies in one on the other

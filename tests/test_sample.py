@@ -219,3 +219,26 @@ def test_random_labels_are_uniform_and_per_index():
 def test_two_nfe_intermediate_time(tmp_path):
     assert generate.schedules(make_cfg(tmp_path))[2] == [1.0, 0.5, 0.0]
     assert generate.schedules(make_cfg(tmp_path, t_mid=0.3))[2] == [1.0, 0.3, 0.0]
+
+
+def test_ckpt_of_a_row_samples_with_that_rows_config(tmp_path, monkeypatch):
+    """--ckpt runs/<tier>/<row>[-seed<i>]/... without --experiment: the row's model and run id (the
+    tier's base model, hidden 32, cannot load the row's hidden 48 weights), not the base run's."""
+    from stages import sample as stage
+    monkeypatch.chdir(tmp_path)
+    raw = raw_cfg(tmp_path, nfe=[1])
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"tier": "t", "tiers": {"t": {**raw, "train": {**raw["train"], "replicates": 2}}},
+                                      "experiments": {"wide": {"model": {"hidden": 48}}},
+                                      "tables": {"rows": {"1": ["wide"]}, "tiers": {"t": ["1"]}}}))
+    row = config.load(params, tier="t", experiment="wide")
+    from meanflow.plan import replica
+    seed1 = replica(row, 1)
+    w = write_weights(seed1)
+    assert w.parent.name == "wide-seed1"
+    assert stage.row_of(config.load_params(params), "t", str(w)) == ("wide", 1)
+    assert stage.row_of(config.load_params(params), "t", str(tmp_path / "elsewhere.safetensors")) is None
+    out = tmp_path / "demo"
+    stage.main(["--params", str(params), "--ckpt", str(w), "--out", str(out), "--nfe", "1", "--n", "4", "--no-progress"])
+    m = json.loads((out / "samples_nfe1" / "manifest.json").read_text())
+    assert m["run_id"] == seed1.run_id != config.load(params, tier="t").run_id and m["experiment"] == "wide"

@@ -42,7 +42,7 @@ def params() -> dict:
                      "vae": None, "flip": False, "root": "site-data", "device": "cpu", "workers": 0},
             "model": {"name": "custom", "depth": 1, "hidden": 32, "heads": 2, "patch": 4},
             "train": {"steps": STEPS, "batch": 16, "lr": 0.001, "ema": 0.9, "ckpt_every": 4, "keep_ckpts": 3,
-                      "log_every": 4, "device": "cpu", "runs_root": "runs"},
+                      "keep_ckpts_done": 3, "log_every": 4, "device": "cpu", "runs_root": "runs"},
             "sample": {"n": 20, "shard_size": 7, "batch": 10, "nfe": [1], "grid": 0, "device": "cpu",
                        "features": "digits"}}
     return {"tier": "t", "tiers": {"t": tier},

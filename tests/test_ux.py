@@ -45,8 +45,33 @@ def test_edited_ablation_is_marked_in_every_format(tmp_path, monkeypatch):
         (root / "tables" / "table_1e.tex").read_text()
     # the report's caption names the edited row too
     assert "p_1.5: meanflow.p=1.2 (paper 1.5)" in (root / "report" / "table_1e.rst").read_text()
+    # each caption names the data set of the paper's numbers: ImageNet, but CIFAR-10 for Table 3
+    assert "*Paper* (ImageNet 256, FID-50K): best" in (root / "report" / "table_1e.rst").read_text()
+    assert "*Paper* (CIFAR-10 32x32, FID-50K): best MF-CIFAR10 (2.92)" in (root / "report" / "table_3.rst").read_text()
     # other tables' rows do not change (1a's runs use p = 1.0)
     assert all("edited" not in x["setting"] for x in csv.DictReader(open(root / "tables" / "table_1a.csv")))
+
+
+def test_fid_vs_size_labels_each_size_once(tmp_path):
+    """The size axis is ticked at the Table 2 rows' sizes, plain numbers, no minor labels (a log axis
+    under a decade labelled every minor tick, overlapping)."""
+    import json
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["tiers"]["tiny"]["train"]["runs_root"] = str(tmp_path / "runs")
+    pl = plan.Plan(params, "tiny")
+    rows = [r for r in pl.rows if r.table == "2" and r.nfe == 1]
+    for i, r in enumerate(rows):
+        for p in r.replica_paths:
+            p.root.mkdir(parents=True, exist_ok=True)
+            p.metrics(1).write_text(json.dumps({"metric": "fd_digits", "value": 30.0 - i}))
+    ax = tables._plot_fid_vs_size(pl, "fd_digits", plt).axes[0]
+    sizes = sorted({r.cfg.model.depth * r.cfg.model.hidden ** 2 for r in rows})
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{x:,}" for x in sizes]
+    assert not [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+    plt.close("all")
 
 
 def test_edited_default_marks_every_row_not_overriding_it():

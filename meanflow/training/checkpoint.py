@@ -1,6 +1,7 @@
 """Checkpoints of a run: checkpoints/step-NNNNNNNN/{model,ema}.safetensors + state.pt (optimizer,
 RNG, step; loaded with weights_only=True) + hashes.json (each file's sha256), written to a temp dir,
-fsynced, then renamed, so a directory exists only once complete; the last `keep` kept. On resume
+fsynced, then renamed, so a directory exists only once complete; the last `keep` kept (train.keep_ckpts
+while training, train.keep_ckpts_done once the run is finished: prune). On resume
 the newest checkpoint whose files still have their hashes and load is used; a damaged one (a
 truncated file, a foreign state.pt) is named in a warning and moved aside (step-N.damaged), so the
 run redoes its steps. And the run's final EMA file, whose bytes depend only on the weights."""
@@ -78,9 +79,22 @@ def save_checkpoint(run_dir: Path, step: int, net: nn.Module, ema, opt, extra: d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync(root)
-    for _, old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, keep)
     return final
+
+
+def beyond(run_dir: Path, keep: int) -> list[Path]:
+    """The checkpoint dirs of run_dir older than its newest `keep` (keep = 0: all of them)."""
+    found = checkpoints(run_dir)
+    return [p for _, p in found[:max(len(found) - keep, 0)]]
+
+
+def prune(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints of run_dir; the dirs deleted."""
+    gone = beyond(run_dir, keep)
+    for old in gone:
+        shutil.rmtree(old, ignore_errors=True)
+    return gone
 
 
 def load_checkpoint(path: Path, net: nn.Module, ema, opt, device) -> dict:

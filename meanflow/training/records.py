@@ -1,6 +1,7 @@
 """One run's records in its directory (layout.run(cfg)): which run it holds (run_of, trained,
 set_aside), resume from its checkpoints, checkpoints, metrics (DVCLive), and once training is
-complete the final EMA weights and train_manifest.json. A run's records are its own whether it
+complete the final EMA weights and train_manifest.json (then only the newest
+train.keep_ckpts_done checkpoints are kept). A run's records are its own whether it
 trains alone or stacked with other replicas. Torch-free at import: a stage that only copies an
 identical run (meanflow.reuse) reads run identity here without loading torch."""
 from __future__ import annotations
@@ -14,8 +15,8 @@ import time
 from pathlib import Path
 
 from .. import layout
-from .checkpoint import (CheckpointError, checkpoints, read_state, resume_latest, save_checkpoint, save_final_ema,
-                         tmp_leftovers)
+from .checkpoint import (CheckpointError, checkpoints, prune, read_state, resume_latest, save_checkpoint,
+                         save_final_ema, tmp_leftovers)
 from .lock import LOCK, RunLock
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,8 @@ class Records:
         return path
 
     def finish(self, ema_net, store) -> Path:
-        """The run's final outputs (rank 0), once training is complete: EMA weights and the manifest."""
+        """The run's final outputs (rank 0), once training is complete: EMA weights and the manifest;
+        then all but the newest train.keep_ckpts_done checkpoints are deleted."""
         from .. import manifest
         tc, ema_path = self.cfg.train, self.paths.ema
         save_final_ema(ema_path, ema_net, {"run_id": self.cfg.run_id, "step": tc.steps})
@@ -196,4 +198,7 @@ class Records:
                               wall_seconds=round(time.time() - self.wall0, 3),
                               train_seconds=round(self.train_seconds + time.time() - self.started, 3),
                               config=self.cfg.raw)
-        return manifest.write_json(self.paths.train_manifest, body)
+        out = manifest.write_json(self.paths.train_manifest, body)
+        for gone in prune(self.run_dir, tc.keep_ckpts_done):   # what continuing the run needs stays
+            log.info("removed %s: the finished run keeps its newest %d (train.keep_ckpts_done)", gone, tc.keep_ckpts_done)
+        return out

@@ -4,6 +4,7 @@ rule acquire:
     input: CODE["acquire"]
     output: str(D.index)
     params: data_hash=DATA_HASH
+    threads: PLAN.base.data.threads
     log: str(layout.log(TIER, "acquire"))
     shell: "python -m stages.acquire --params {PARAMS} --tier {TIER} > {log} 2>&1"
 
@@ -11,6 +12,7 @@ rule encode:
     input: str(D.index), CODE["encode"]
     output: str(D.store_manifest)
     params: data_hash=DATA_HASH
+    threads: PLAN.base.data.threads
     log: str(layout.log(TIER, "encode"))
     shell: "python -m stages.encode --params {PARAMS} --tier {TIER} > {log} 2>&1"
 
@@ -18,6 +20,7 @@ rule refstats:
     input: str(D.index), CODE["refstats"]
     output: str(D.refstats)
     params: data_hash=DATA_HASH
+    threads: PLAN.base.data.threads
     log: str(layout.log(TIER, "refstats"))
     shell: "python -m stages.refstats --params {PARAMS} --tier {TIER} > {log} 2>&1"
 
@@ -25,5 +28,6 @@ rule features:   # sample.features = digits (tiny): the feature network of the t
     input: str(D.index), CODE["features"]
     output: str(D.feature_net)
     params: data_hash=DATA_HASH
+    threads: PLAN.base.data.threads
     log: str(layout.log(TIER, "features"))
     shell: "python -m stages.features --params {PARAMS} --tier {TIER} > {log} 2>&1"

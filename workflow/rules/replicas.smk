@@ -12,6 +12,7 @@ for first, (exp, ids) in PLAN.groups.items():
             [directory(str(PLAN.run_paths(i).samples(k))) for i in ids for k in NFE],
             [str(PLAN.run_paths(i).metrics(k)) for i in ids for k in NFE],
         params: exp=exp, cfg=[RUNS[i].hash for i in ids]
+        threads: RUNS[ids[0]].cfg.train.threads   # the stage sets the same itself (stages.use_threads)
         resources: **RES["train"]
         log: str(layout.log(TIER, "replicas", first))
         benchmark: str(layout.benchmark(TIER, "replicas", first))

@@ -8,6 +8,7 @@ rule train:
         manifest=str(R.train_manifest),
         live=directory(str(R.dvclive)),
     params: exp=lambda w: RUNS[w.run].experiment, rep=lambda w: REP[w.run], cfg=lambda w: RUNS[w.run].hash, launch=launch.from_resources
+    threads: lambda w: RUNS[w.run].cfg.train.threads   # the stage sets the same itself (stages.use_threads)
     resources: **res("train")
     log: str(layout.log(TIER, "train", "{run}"))
     benchmark: str(layout.benchmark(TIER, "train", "{run}"))

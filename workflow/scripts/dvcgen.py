@@ -49,10 +49,18 @@ def generate(params: dict, tiers: list[str] | None = None) -> dict:
         if not plan.runs:
             continue
         d, out = plan.data, plan.results
+        # first, every value checked (stages.check): a value the project refuses stops `dvc exp run`
+        # here, before DVC removes the outputs of the stages it would rerun
+        ok = str(layout.params_ok(tier))
+        stages[f"check-{tier}"] = {"cmd": f"python -m stages.check --params params.yaml --tier {tier}",
+                                   "deps": ["meanflow/config.py", "meanflow/plan.py", "stages/check.py",
+                                            str(config.SCHEMA_PATH.relative_to(config.ROOT))],
+                                   "params": [{"params.yaml": None}],
+                                   "outs": [{ok: {"persist": True}}]}   # persist: not removed before the check runs
         dparams = ["defaults.data", f"tiers.{tier}.data"] if (params["tiers"][tier] or {}).get("data") else ["defaults.data"]
 
         def data_stage(stage, deps, outs):
-            stages[f"{stage}-{tier}"] = {"cmd": stage_cmd(stage, tier), "deps": [*deps, *code[stage]],
+            stages[f"{stage}-{tier}"] = {"cmd": stage_cmd(stage, tier), "deps": [ok, *deps, *code[stage]],
                                          "params": dparams, "outs": [str(o) for o in outs]}
         data_stage("acquire", [], [d.raw])
         data_stage("encode", [str(d.index)], [d.store])
@@ -76,19 +84,19 @@ def generate(params: dict, tiers: list[str] | None = None) -> dict:
                 deps = {"train": [d.store_manifest], "sample": [rd.ema], "fid": [*(rd.samples(k) for k in plan.nfe), ref]}[stage]
                 stages[f"{stage}-{n}-{tier}"] = {
                     "cmd": stage_cmd(stage, tier, item["exp"] + item["rep"], " --no-progress", bool(plan.runs[n].source)),
-                    "deps": [*map(str, deps), *after(n, stage), *code[stage]],
+                    "deps": [ok, *map(str, deps), *after(n, stage), *code[stage]],
                     "params": ["defaults", f"tiers.{tier}", f"experiments.{item['exp']}", *item["src"]],
                     "outs": [str(o) for o in plan.outputs(n, stage)]}
         # train.group_replicas: a row's replicas in one stage, as rules/replicas.smk
         for first, (exp, ids) in plan.groups.items():
             stages[f"replicas-{first}-{tier}"] = {
                 "cmd": stage_cmd("replicas", tier, exp, " --no-progress"),
-                "deps": [str(d.store_manifest), str(ref), *after(ids, ("train", "sample", "fid")), *code["replicas"]],
+                "deps": [ok, str(d.store_manifest), str(ref), *after(ids, ("train", "sample", "fid")), *code["replicas"]],
                 "params": ["defaults", f"tiers.{tier}", f"experiments.{exp}", *src_params(plan, ids)],
                 "outs": [str(o) for n in ids for st in ("train", "sample", "fid") for o in plan.outputs(n, st)]}
         stages[f"tables-{tier}"] = {
             "cmd": stage_cmd("tables", tier),
-            "deps": [*(str(plan.run_paths(n).metrics(k)) for n in plan.runs for k in plan.nfe), *code["tables"],
+            "deps": [ok, *(str(plan.run_paths(n).metrics(k)) for n in plan.runs for k in plan.nfe), *code["tables"],
                      *plan.paper],
             "params": ["tables"],
             "outs": [str(out.tables), str(out.plots), str(out.grids), str(out.report), str(out.logs), str(out.fid_csv)],

@@ -34,6 +34,7 @@ outs = {"acquire": {d.index: "{}"}, "encode": {d.store_manifest: "{}"}, "feature
                   r.live_plots / "metrics/train/loss.tsv": "step\\tloss\\n1\\t%f\\n2\\t0.5\\n" % cfg.meanflow.p},
         "sample": {r.samples(k) / "x": f"s {cfg.run_id} {k}" for k in nfe},
         "fid": {r.metrics(k): '{"value": %f}' % (10 * cfg.meanflow.p + k) for k in nfe}}
+print(f"fake {STAGE} of {a.experiment or a.tier} (replicate {a.replicate})")   # the job's log (logs/...)
 if STAGE == "tables":
     tables.build(P, a.tier)
 for o, text in outs.get(STAGE, {}).items():
@@ -108,7 +109,7 @@ def test_run_record_push_clone_pull(tmp_path):
     clone = tmp_path / "clone"
     sh("git", "clone", "-q", src, clone, cwd=tmp_path)
     sh("dvc", "pull", "-q", "tables-tiny", "--with-deps", cwd=clone)
-    produced = [p.relative_to(src) for d in ("data", "runs", "results") for p in (src / d).rglob("*")
+    produced = [p.relative_to(src) for d in ("data", "runs", "results", "logs") for p in (src / d).rglob("*")
                 if p.is_file() and "checkpoints" not in p.parts
                 and p.name != ".snakemake_timestamp"]   # Snakemake's stamp, .dvcignore'd
     assert len(produced) > 20
@@ -117,6 +118,12 @@ def test_run_record_push_clone_pull(tmp_path):
     assert status_clean(clone)[0], status_clean(clone)[1]
     smk(clone, "--touch")                          # re-stamp mtimes after DVC's checkout (docs/versioning.md)
     assert "Nothing to be done" in smk(clone, "-n").stdout
+    # the jobs' logs travel with their outputs (each a DVC out of its stage): present, not empty, as made
+    logs = sorted(p.relative_to(src) for p in (src / "logs").rglob("*.log"))
+    assert len(logs) >= 8 and all((clone / f).read_text() == (src / f).read_text() != "" for f in logs), logs
+    smk(clone, "--forcerun", "tables")             # the next tables job copies them into results/, unchanged
+    assert all((clone / "results/tiny/logs" / "_".join(f.parts[2:])).read_text() == (src / f).read_text()
+               for f in logs if f.parts[2:3] != ("tables.log",))
 
 
 def ran(out: str) -> set[str]:

@@ -45,7 +45,9 @@ def dry_jobs(cwd, tier):
         if not m or m.group(1) == "all":
             continue
         outs = re.search(r"^    output: (.*)$", block, re.M).group(1).split(", ")
-        cmd = re.search(r"^(?:Shell command: )?((?:python|torchrun) .*-m stages\..*?)(?: > \S+ 2>&1)?$", block, re.M)
+        log = re.search(r"^    log: (\S+)", block, re.M)   # a job's log: a DVC out too, and the command's redirect
+        outs += [log.group(1)] if log else []
+        cmd = re.search(r"^(?:Shell command: )?((?:python|torchrun) .*-m stages\..*)$", block, re.M)
         jobs.append((m.group(1), outs, cmd and cmd.group(1).strip()))
     return jobs
 

@@ -111,11 +111,7 @@ def test_the_kept_checkpoint_continues_the_run(project, tmp_path):
 
 def plant(rd: Path, step: int, run_id: str) -> Path:
     """A copy of the run's last checkpoint as checkpoint `step` of run `run_id`."""
-    src, dst = checkpoints(rd)[-1][1], rd / "checkpoints" / f"step-{step:08d}"
-    shutil.copytree(src, dst)
-    state = torch.load(dst / "state.pt", weights_only=True)
-    torch.save({**state, "step": step, "run_id": run_id}, dst / "state.pt")
-    return dst
+    return plant_from(checkpoints(rd)[-1][1], rd / "checkpoints" / f"step-{step:08d}", run_id, step=step)
 
 
 def test_clean_lists_then_deletes_foreign_and_leftover_checkpoints(project, tmp_path, monkeypatch, capsys):
@@ -131,7 +127,7 @@ def test_clean_lists_then_deletes_foreign_and_leftover_checkpoints(project, tmp_
     clean.main(["--params", "params.yaml"])
     out = capsys.readouterr().out
     assert f"of run dit-d1-h32-0badc0de, not {cfg.run_id} (another configuration): {foreign}" in out
-    assert f"finished run: beyond train.keep_ckpts_done = 1: {old}" in out and "2 checkpoints" in out
+    assert f"finished run: beyond train.keep_ckpts_done = 1: {old}" in out and "2 to tidy" in out
     assert str(last) not in out and {p: p.read_bytes() for p in rd.rglob("*") if p.is_file()} == before
 
     with RunLock(rd):   # a training holds the run: nothing in it is deleted
@@ -146,3 +142,38 @@ def test_clean_lists_then_deletes_foreign_and_leftover_checkpoints(project, tmp_
         p: b for p, b in before.items() if foreign not in p.parents and old not in p.parents}
     clean.main(["--params", "params.yaml"])
     assert "checkpoint" not in capsys.readouterr().out
+
+
+def test_clean_restores_the_runs_own_checkpoint_after_an_experiment(project, tmp_path, monkeypatch, capsys):
+    """An experiment trained another configuration in the row's directory (its files set aside in
+    superseded/<run id>), then DVC restored the row's outputs (`dvc exp apply main`): clean deletes
+    the experiment's checkpoint and moves the run's own back; nothing else of the directory changes."""
+    from stages import clean
+    w = copy(project, tmp_path)
+    monkeypatch.chdir(w)
+    rd = Path("runs/t/e1")
+    cfg = config.load(w / "params.yaml", experiment="e1")
+    own = rd / "checkpoints" / f"step-{STEPS:08d}"
+    kept = own.joinpath("state.pt").read_bytes()
+    sup = rd / "superseded" / cfg.run_id
+    sup.mkdir(parents=True)
+    shutil.copy2(rd / "ema.safetensors", sup / "ema.safetensors")
+    (sup / "checkpoints").mkdir()
+    own.rename(sup / "checkpoints" / own.name)                       # as set_aside moves it
+    foreign = plant_from(sup / "checkpoints" / own.name, own, "dit-d1-h32-0badc0de")   # the experiment's, same step
+    clean.main(["--params", "params.yaml"])
+    out = capsys.readouterr().out
+    assert f"another configuration): {foreign}" in out and f"set aside by another configuration: {sup}" in out
+    assert str(sup) not in [ln.split(": ", 1)[-1] for ln in out.splitlines() if ln.startswith("unreferenced")]
+    clean.main(["--params", "params.yaml", "--delete"])
+    out = capsys.readouterr().out
+    assert f"restored: {own}" in out and not sup.exists() and own.joinpath("state.pt").read_bytes() == kept
+    assert [p for _, p in checkpoints(rd)] == [own]
+
+
+def plant_from(src: Path, dst: Path, run_id: str, **state_over) -> Path:
+    """Checkpoint dir src copied to dst as one of run `run_id` (and `state_over` in its state.pt)."""
+    shutil.copytree(src, dst)
+    state = torch.load(dst / "state.pt", weights_only=True)
+    torch.save({**state, "run_id": run_id, **state_over}, dst / "state.pt")
+    return dst

@@ -58,6 +58,8 @@ def reclaim(cfg, run_dir: Path) -> list[str]:
             ck.rename(Path(run_dir) / layout.CKPT_DIR / ck.name)
             done.append(f"restored: {Path(run_dir) / layout.CKPT_DIR / ck.name} (the run's own, set aside by another configuration)")
     shutil.rmtree(sup)
+    if not any(sup.parent.iterdir()):
+        sup.parent.rmdir()
     return done + [f"deleted: {sup} (a copy of the run the directory holds)"]
 
 

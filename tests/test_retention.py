@@ -167,7 +167,7 @@ def test_clean_restores_the_runs_own_checkpoint_after_an_experiment(project, tmp
     assert str(sup) not in [ln.split(": ", 1)[-1] for ln in out.splitlines() if ln.startswith("unreferenced")]
     clean.main(["--params", "params.yaml", "--delete"])
     out = capsys.readouterr().out
-    assert f"restored: {own}" in out and not sup.exists() and own.joinpath("state.pt").read_bytes() == kept
+    assert f"restored: {own}" in out and not sup.parent.exists() and own.joinpath("state.pt").read_bytes() == kept
     assert [p for _, p in checkpoints(rd)] == [own]
 
 

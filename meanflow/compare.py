@@ -12,7 +12,8 @@ over the row's seeds; `no noise estimate` with one seed, then a per-tier relativ
 shown as a fallback only), every metrics file of the runs the tables use (bootstrap intervals),
 the params and environments that differ, and an artifact summary (counts, then only the
 differing files). Only the runs the tables name are compared: a stray run directory is counted,
-not compared. Rows whose runs were made from different params are flagged, not compared."""
+not compared. Rows whose runs were made from different params, or scored under different FID protocols
+(sample labels, reference statistics: the tables' protocol column), are flagged, not compared."""
 from __future__ import annotations
 
 import csv
@@ -276,8 +277,11 @@ def compare(a: ResultSet, b: ResultSet, tol: float | None = None) -> Report:
             paper = _num((ra or rb).get(tables.PAPER_FID))
             delta = sb["mean"] - sa["mean"] if sa["n"] and sb["n"] else None
             p = None
+            qa, qb = (r.get(tables.PROTOCOL) or "" for r in (ra or {}, rb or {}))
             if ra is None or rb is None:
                 verdict = "MISSING in " + ("A" if ra is None else "B")
+            elif qa and qb and qa != qb:   # labels or reference statistics differ: FIDs on two scales
+                verdict = f"NOT COMPARABLE: FID protocols differ (A: {qa}; B: {qb})"
             elif _run_hash(a, tier, ra) != _run_hash(b, tier, rb):
                 verdict, any_params = "PARAMS DIFFER", True
             elif not sa["n"] or not sb["n"]:

@@ -184,14 +184,21 @@ class Config:
 def _hashed(raw: dict) -> dict:
     """raw without the keys marked x-unhashed (how a row's runs are cut into seeds and jobs, never
     a run's own) and those marked x-unhashed-default that sit at their default (a key added later,
-    e.g. iMF's, leaves the hashes, so the run ids, of existing configurations as they were)."""
+    e.g. iMF's, leaves the hashes, so the run ids, of existing configurations as they were), unless
+    its x-hashed-when holds ({"section.key": value}: the configurations whose computation the key's
+    default changed, e.g. iMF runs under the official init, get new ids rather than stale results)."""
     out = dict(raw)
     for s in SECTIONS:
         props = schema()["$defs"][s]["properties"]
         sec = raw.get(s, {})
         out[s] = {k: v for k, v in sec.items() if not props.get(k, {}).get("x-unhashed")
-                  and not (props.get(k, {}).get("x-unhashed-default") and v == props[k].get("default"))}
+                  and not (props.get(k, {}).get("x-unhashed-default") and v == props[k].get("default")
+                           and not _holds(raw, props[k].get("x-hashed-when")))}
     return out
+
+
+def _holds(raw: dict, when: dict | None) -> bool:
+    return bool(when) and all(raw.get(k.split(".")[0], {}).get(k.split(".")[1]) == v for k, v in when.items())
 
 
 RUN_NEUTRAL = ("runs_root", "device", "ckpt_every", "keep_ckpts", "keep_ckpts_done", "log_every", "compile")
@@ -220,7 +227,12 @@ def build(raw: dict, tier: str = "custom", experiment: str | None = None, where:
     if not raw["meanflow"]["t_start"] <= raw["meanflow"]["t_end"]:
         raise ConfigError(f"{where}: meanflow.t_start ({raw['meanflow']['t_start']}) > meanflow.t_end ({raw['meanflow']['t_end']})")
     _check_shapes(raw, where)
-    return Config(tier=tier, experiment=experiment, raw=raw, name=name, replicate=replicate, **secs)
+    cfg = Config(tier=tier, experiment=experiment, raw=raw, name=name, replicate=replicate, **secs)
+    try:   # the FID's reference statistics resolve (sample.reference against the feature space)
+        layout.reference(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
 
 
 def _check_shapes(raw: dict, where: str) -> None:

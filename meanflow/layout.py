@@ -107,6 +107,31 @@ def data(cfg_or_tier, root: str | Path = "data") -> DataPaths:
     return DataPaths.at(under(cfg_or_tier.data.root, cfg_or_tier.tier))
 
 
+def refstats_of(d: DataPaths, source: str) -> Path:
+    """data/<tier>/refstats-<source>.npz: reference statistics of a source other than the tier's own
+    (data.refstats_source makes refstats.npz), for rows whose sample.reference asks for it."""
+    return d.root / f"refstats-{source}.npz"
+
+
+def reference(cfg) -> tuple[str, Path]:
+    """(kind, path) of the reference statistics a row's FID compares against (sample.reference):
+    adm | compute (a refstats stage's npz: the tier's refstats.npz when it is data.refstats_source,
+    else refstats-<kind>.npz), npz (sample.reference_npz, the user's), or digits (sample.features =
+    digits: the tiny tier's classifier, whose training-set statistics the fid stage derives)."""
+    s, d = cfg.sample, data(cfg)
+    if s.features == "digits":
+        if s.reference not in ("tier", "compute"):
+            raise ValueError(f"sample.reference = {s.reference}: sample.features = digits compares against the "
+                             "training set's digits features (reference tier or compute)")
+        return "digits", d.feature_net
+    kind = cfg.data.refstats_source if s.reference == "tier" else s.reference
+    if kind == "npz":
+        if not s.reference_npz:
+            raise ValueError("sample.reference = npz needs sample.reference_npz (an npz with mu and sigma)")
+        return kind, Path(s.reference_npz)
+    return kind, d.refstats if kind == cfg.data.refstats_source else refstats_of(d, kind)
+
+
 def run_name(experiment: str | None, replicate: int = 0) -> str:
     """The directory (and DVC stage key) of an experiment row's run: runs/<tier>/<name>. Named by
     the row, not by the run id (a hash of the config), so a value changed with `dvc exp run -S`

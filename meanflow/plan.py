@@ -202,11 +202,17 @@ class Plan:
         """Changes when the tier's data section changes (the data rules' params trigger)."""
         return hashlib.sha256(json.dumps(dataclasses.asdict(self.base.data), sort_keys=True).encode()).hexdigest()[:10]
 
-    def fid_reference(self) -> Path:
-        """What the fid stage compares against: ADM/Inception refstats, or on sample.features = digits
-        (tiny) the digits feature net (its reference statistics are derived from it by the fid stage)."""
-        digits = self.base.sample.features == "digits"
-        return self.data.feature_net if digits else self.data.refstats
+    def fid_reference(self, cfg: config.Config | None = None) -> Path:
+        """What a run's fid stage compares against (layout.reference: its sample.reference): a
+        refstats npz, a user npz, or on sample.features = digits (tiny) the digits feature net (its
+        reference statistics are derived from it by the fid stage); the tier's base config's by default."""
+        return layout.reference(cfg or self.base)[1]
+
+    def references(self) -> dict[Path, str]:
+        """The refstats npz files the runs need that a data stage makes (path -> kind: adm | compute),
+        the tier's own refstats.npz first; user npz files and the digits net are not in it."""
+        refs = [layout.reference(c) for c in [self.base, *(r.cfg for r in self.runs.values())]]
+        return {p: k for k, p in refs if k in ("adm", "compute")}
 
     def hash(self) -> str:
         """Changes when the row map or the paper file name changes (the tables rule's params trigger)."""

@@ -58,7 +58,7 @@ def schedules(cfg, nfes=None, error: type[Exception] = ValueError) -> dict[int, 
     when set, replaces the schedule of its own NFE; one whose step count is not in sample.nfe raises `error`."""
     s = cfg.sample
     nfes = list(nfes or s.nfe)
-    # 2 NFE: 1 -> sample.t_mid -> 0 (0.5: the uniform 2-step schedule of the official sampler)
+    # 2 NFE: 1 -> sample.t_mid -> 0 (0.5: an assumption, the paper and official code give no 2-step schedule)
     out = {k: [1.0, float(s.t_mid), 0.0] if k == 2 else schedule(k) for k in nfes}
     if s.schedule is not None:
         times = schedule(times=s.schedule)

@@ -69,6 +69,7 @@ class ModelConfig:
     rmsnorm: bool
     rope: bool
     qk_norm: bool
+    init: str
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class MeanflowConfig:
     interval_cond: bool
     s_max: float
     cfg_beta: float
+    null_omega: str
+    drop_tangent: str
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,8 @@ class TrainConfig:
     ema: float
     seed: int
     warmup_steps: int
+    warmup_start: float
+    precision: str
     epochs: int | None
     replicates: int
     group_replicas: bool
@@ -141,6 +146,8 @@ class SampleConfig:
     grid: int
     features: str
     fid_batch: int
+    reference: str
+    reference_npz: str | None
     threads: int
     guidance: dict
 

@@ -22,8 +22,9 @@ from meanflow.plan import Plan
 ROW, SETTING, PAPER_FID, OUR_FID, NFE, PAPER_EPOCHS, OUR_STEPS, RUN = (
     "row", "setting", "paper FID", "our FID", "NFE", "paper epochs", "our steps", "run")
 OUR_STD, SEEDS, PER_SEED, BOOT, METRIC = "our FID std", "seeds", "our FID per seed", "bootstrap 95% per seed", "metric"
+PROTOCOL = "protocol"   # the FID protocol (metrics.fid.protocol's name): labels and reference statistics
 COLUMNS = [ROW, SETTING, PAPER_FID, OUR_FID, NFE, PAPER_EPOCHS, OUR_STEPS, RUN]
-CSV_COLUMNS = [*COLUMNS, OUR_STD, SEEDS, PER_SEED, BOOT, METRIC]
+CSV_COLUMNS = [*COLUMNS, OUR_STD, SEEDS, PER_SEED, BOOT, METRIC, PROTOCOL]
 FID_COLUMNS = (PAPER_FID, OUR_FID)   # shown with two decimals in .md and .tex
 SEP = ";"
 
@@ -64,6 +65,16 @@ def seeds(row) -> tuple[list, list, str | None]:
     return vals, boot, next((m.get("metric") for m in ms if m and m.get("metric")), None)
 
 
+def protocol_of(m: dict) -> str:
+    """A metrics file's FID protocol name (files from before protocols: their sample labels)."""
+    return (m.get("protocol") or {}).get("name") or f"labels {m.get('sample_labels') or 'unconditional'}"
+
+
+def protocols(row) -> str:
+    """The protocol names of a row's metrics files, SEP-joined when its replicas differ."""
+    return SEP.join(sorted({protocol_of(m) for p in row.replica_paths if (m := _metrics(p, row.nfe))}))
+
+
 def cell(mean, std, n) -> str:
     """`mean ± std (n)`; one seed: `mean (1)`; none: empty."""
     if not n:
@@ -79,10 +90,14 @@ def _steps(run: layout.RunPaths):
 
 
 def notes(plan: Plan, table: str) -> list[str]:
-    """The table's note line: how the samples were labelled (sample.labels, from each metrics file)."""
-    modes = {(m.get("sample_labels") or "unconditional") for r in plan.rows if r.table == table
+    """The table's note line: its FID protocol (how the samples were labelled, sample.labels; which
+    reference statistics, sample.reference; from each metrics file); several when rows differ."""
+    names = {protocol_of(m) for r in plan.rows if r.table == table
              for m in (_metrics(p, r.nfe) for p in r.replica_paths) if m is not None}
-    return ["", f"Sample labels: {', '.join(sorted(modes))} (sample.labels)."] if modes else []
+    if not names:
+        return []
+    return ["", f"FID protocol: {'; '.join(sorted(names))} (sample.labels, sample.reference)"
+            + (" - rows scored differently are not comparable." if len(names) > 1 else ".")]
 
 
 def _fmt(x):
@@ -102,7 +117,8 @@ def frame(plan: Plan, table: str, paper: dict):
                      OUR_FID: s["mean"], NFE: r.nfe, PAPER_EPOCHS: p.get("epochs", ""),
                      OUR_STEPS: _steps(r.paths) or r.cfg.train.steps, RUN: SEP.join(r.run_ids),
                      OUR_STD: s["std"], SEEDS: s["n"], PER_SEED: SEP.join("" if v is None else repr(v) for v in vals),
-                     BOOT: SEP.join("" if b is None else f"{b[0]:.4f}..{b[1]:.4f}" for b in boot), METRIC: metric or ""})
+                     BOOT: SEP.join("" if b is None else f"{b[0]:.4f}..{b[1]:.4f}" for b in boot), METRIC: metric or "",
+                     PROTOCOL: protocols(r)})
     return pd.DataFrame(recs, columns=CSV_COLUMNS, dtype=object)
 
 

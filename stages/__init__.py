@@ -181,14 +181,17 @@ def run(p: argparse.ArgumentParser, fn, *errors: type[Exception]) -> None:
                 print(item)
 
 
-def tier_stage(name: str, doc: str, fn, *errors: type[Exception], argv=None) -> None:
-    """A stage with only --params and --tier: fn(the tier's config), reported as `run` does."""
+def tier_stage(name: str, doc: str, fn, *errors: type[Exception], argv=None, options=None) -> None:
+    """A stage with --params and --tier: fn(the tier's config), reported as `run` does. `options`:
+    (add_arguments(parser), keywords(args) -> dict of fn's further keywords), for a stage's own flags."""
     p = parser(name, doc)
+    if options:
+        options[0](p)
     args = p.parse_args(argv)
 
     def stage():
         launch.torchrun_env(config.ConfigError)
         cfg = config.load(args.params, tier=args.tier)
         use_threads(cfg.data.threads)
-        return fn(cfg)
+        return fn(cfg, **(options[1](args) if options else {}))
     run(p, stage, *errors)

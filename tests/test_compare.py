@@ -26,7 +26,7 @@ def run_ids(row: str, n: int, first: bool) -> list[str]:
 
 
 def make_set(root: Path, fids: dict, params_hash="abc123", gpu="NVIDIA H100", tier="tiny", lr=0.001, se=0.1,
-             by_tables=False):
+             by_tables=False, protocol=""):
     """A result set whose tables agree with its files: table_2 with rows {(row, nfe): value or [value per
     seed]}, one run per seed of each row (run_ids) with its train manifest, metrics_nfe<nfe>.json and
     weights. by_tables: table_2.{csv,md,tex} written by meanflow.tables.write (DictWriter otherwise)
@@ -41,7 +41,7 @@ def make_set(root: Path, fids: dict, params_hash="abc123", gpu="NVIDIA H100", ti
         recs.append({tables.ROW: row, tables.SETTING: "x", tables.PAPER_FID: 3.43, tables.OUR_FID: s["mean"], tables.NFE: nfe,
                      tables.PAPER_EPOCHS: "", tables.OUR_STEPS: 10, tables.RUN: tables.SEP.join(runs),
                      tables.OUR_STD: s["std"], tables.PER_SEED: tables.SEP.join(map(repr, vals)), tables.SEEDS: len(vals),
-                     tables.BOOT: "", tables.METRIC: "fd_digits"})
+                     tables.BOOT: "", tables.METRIC: "fd_digits", tables.PROTOCOL: protocol})
         for i, v in enumerate(vals):
             run = root / "runs" / tier / runs[i]
             if not run.is_dir():
@@ -52,7 +52,7 @@ def make_set(root: Path, fids: dict, params_hash="abc123", gpu="NVIDIA H100", ti
                 (run / "ema.safetensors").write_bytes(b"weights")
             m = run / f"metrics_nfe{nfe}.json"
             m.write_text(json.dumps({"metric": "fd_digits", "metric_name": "Frechet distance in digits features",
-                                     "value": v, "bootstrap": {"se": se}}))
+                                     "value": v, "bootstrap": {"se": se}, "protocol": {"name": protocol}}))
             inputs[m.relative_to(root).as_posix()] = manifest.file_hash(m)
     if by_tables:
         import pandas as pd
@@ -107,6 +107,22 @@ def test_differs_and_missing_rows_and_one_seed(tmp_path):
     assert "| no noise estimate (within 5% fallback) |" in rep.text and rep.rows_bad == 0
     rep = compare.compare(compare.load(c), compare.load(d), tol=0.01)
     assert "no noise estimate (OUTSIDE 1% fallback)" in rep.text and rep.rows_bad == 1
+
+
+def test_different_fid_protocols_are_not_compared(tmp_path):
+    """Equal numbers under two FID protocols (iMF's balanced labels and training-set statistics
+    against MeanFlow's random labels and ADM's batch) are flagged, naming both protocols, and the
+    exit code says rows were flagged; the same protocol on both sides compares as usual."""
+    rows = {("iMF-B/2", 1): [3.4, 3.5, 3.3]}
+    mf, imf = "labels random, reference adm", "labels balanced, reference compute"
+    a, b = make_set(tmp_path / "a", rows, protocol=mf), make_set(tmp_path / "b", rows, protocol=imf)
+    r = cli("compare", a, b, "--out", tmp_path / "r.md")
+    assert r.returncode == 3, r.stdout + r.stderr
+    line = [x for x in (tmp_path / "r.md").read_text().splitlines() if x.startswith("| 2 | iMF-B/2 | 1 |")][0]
+    assert line.endswith(f"| NOT COMPARABLE: FID protocols differ (A: {mf}; B: {imf}) |")
+    c = make_set(tmp_path / "c", rows, protocol=imf)
+    rep = compare.compare(compare.load(b), compare.load(c))
+    assert rep.rows_bad == 0 and "| consistent |" in rep.text
 
 
 def test_extra_run_directory_and_unread_metrics(tmp_path):

@@ -1,7 +1,8 @@
 """What only a CUDA device can show (`pytest -m cuda`, run by bench/gpu_check.py): the jvp
 attention against fp64 on CPU, the fused SDPA kernels taken where no tangent flows, a bf16
-MeanFlow step, torch.compile on and off equal, and Inception features on CUDA equal to CPU.
-Every test is skipped, saying so, where torch sees no CUDA device."""
+MeanFlow step, a training step under each train.precision, torch.compile on and off equal, and
+Inception features on CUDA equal to CPU. Every test is skipped, saying so, where torch sees no
+CUDA device."""
 import numpy as np
 import pytest
 import torch
@@ -82,6 +83,29 @@ def test_bf16_step_is_close_to_fp32():
     bf16.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     assert abs(bf16.loss_unweighted.item() - fp32.loss_unweighted.item()) / fp32.loss_unweighted.item() < 0.05
+
+
+def test_training_step_under_each_precision():
+    """train.precision through the training step itself: each value steps to finite weights, and
+    bf16 (autocast on) and tf32 give the fp32 loss within a loose tolerance."""
+    from meanflow import runtime
+    from meanflow.training.records import METRICS
+    from meanflow.training.step import make_optimizer, step
+    cfg, losses = small_cfg(), {}
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for p in runtime.PRECISIONS:
+            net, (x, y) = random_net(cfg), batch("cuda")   # the same weights and batch each time
+            assert runtime.use_precision(x.device, p) == p
+            vals, _ = step(MeanFlow(cfg.meanflow, 10), net, make_optimizer(net, cfg.train), x, y,
+                           generator=torch.Generator("cuda").manual_seed(3), precision=p)
+            losses[p] = vals[0][METRICS.index("loss_unweighted")]
+            assert all(torch.isfinite(q).all() for q in net.parameters()), p
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+    assert losses["bf16"] != losses["fp32"], "bf16 autocast took no effect"
+    for p in ("bf16", "tf32"):
+        assert abs(losses[p] - losses["fp32"]) / losses["fp32"] < 0.05, losses
 
 
 def test_compile_on_and_off_equal():

@@ -4,6 +4,7 @@ space (real sklearn digits) and in torch-fidelity's Inception architecture with 
 (a local file, nothing downloaded); the feature net is deterministic; fewer samples than
 configured are refused; the metrics JSON carries the hashes."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,27 @@ def test_evaluate_inception_against_own_statistics(tmp_path, inception):
         fid.evaluate(run, 1, inception_weights=str(inception), progress=False)
     with pytest.raises(fid.MetricError, match="no such file"):
         fid.evaluate(run, 1, inception_weights=str(tmp_path / "missing.pth"), progress=False)
+
+
+def test_reference_of_each_protocol_resolves_or_is_refused(tmp_path):
+    """sample.reference picks the statistics a row is scored against (layout.reference); a choice
+    the feature space cannot honour, or an npz without its path, is a config error naming the key."""
+    from meanflow import config, layout
+    base = {"data": {"root": str(tmp_path / "data"), "refstats_source": "adm"}, "sample": {"features": "inception"}}
+    ref = lambda **s: layout.reference(config.build(config.deep_merge(base, {"sample": s}), "t"))
+    d = tmp_path / "data" / "t"
+    assert ref() == ("adm", d / "refstats.npz")                      # tier: data.refstats_source's file
+    assert ref(reference="adm") == ("adm", d / "refstats.npz")
+    assert ref(reference="compute") == ("compute", d / "refstats-compute.npz")   # the other kind beside it
+    assert ref(reference="npz", reference_npz="/x/jit.npz") == ("npz", Path("/x/jit.npz"))
+    with pytest.raises(config.ConfigError, match="sample.reference = npz needs sample.reference_npz"):
+        ref(reference="npz")
+    with pytest.raises(config.ConfigError, match="sample.reference = adm: sample.features = digits"):
+        ref(reference="adm", features="digits")
+    assert ref(reference="compute", features="digits") == ("digits", d / "feature_net.safetensors")
+
+
+def test_protocol_names_labels_and_reference():
+    p = fid.protocol("balanced", "npz", "ab" * 32)
+    assert p["name"] == "labels balanced, reference npz abababababab" and p["reference_sha256"] == "ab" * 32
+    assert fid.protocol(None, "adm", "00")["name"] == "labels unconditional, reference adm"

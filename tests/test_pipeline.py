@@ -128,12 +128,17 @@ def test_snakemake_and_dvc_agree(repo, tier):
 def test_imagenet_dry_run_lists_the_paper_dag(repo):
     jobs = dry_jobs(repo, "imagenet")
     rules = [r for r, _, _ in jobs]
-    # one chain per experiment row (48), of which 41 distinct configurations (31 MF + 10 iMF) compute
-    # and 7 rows restating one of them copy it (meanflow.reuse): plain python, no GPU launcher
+    # one chain per experiment row (48), of which 42 distinct configurations (31 MF + 11 iMF) compute
+    # and 6 rows restating one of them copy it (meanflow.reuse): plain python, no GPU launcher
+    # (imf1_mf trains MF-B/2's configuration but is scored under iMF's protocol: a configuration of its own).
+    # Two kinds of reference statistics: ADM's (MeanFlow's rows, refstats.npz) and the training set's
+    # (the iMF rows' protocol, refstats-compute.npz)
     assert {r: rules.count(r) for r in set(rules)} == {
-        "acquire": 1, "encode": 1, "refstats": 1, "train": 48, "sample": 48, "fid": 48, "tables": 1}
+        "acquire": 1, "encode": 1, "refstats": 1, "refstats_other": 1, "train": 48, "sample": 48, "fid": 48, "tables": 1}
+    assert [c for r, _, c in jobs if r == "refstats_other"] == [
+        "python -m stages.refstats --params params.yaml --tier imagenet --source compute > logs/imagenet/refstats-compute.log 2>&1"]
     trains = [c for r, _, c in jobs if r == "train"]
-    assert sum(c.startswith("torchrun") for c in trains) == 41 and sum(c.startswith("python") for c in trains) == 7
+    assert sum(c.startswith("torchrun") for c in trains) == 42 and sum(c.startswith("python") for c in trains) == 6
 
 
 # --------------------------------------------------------------------------- validation and reruns
@@ -213,7 +218,7 @@ def test_tables_rows_values_and_grids(params3, tmp_path, monkeypatch):
     assert tex.endswith("\\bottomrule\n\\end{tabular}\n")
     raw = (root / "tables" / "table_1a.csv").read_bytes()
     assert raw.startswith(b"row,setting,paper FID,our FID,NFE,paper epochs,our steps,run,our FID std,seeds,"
-                          b"our FID per seed,bootstrap 95% per seed,metric\r\nratio_0,")
+                          b"our FID per seed,bootstrap 95% per seed,metric,protocol\r\nratio_0,")
     assert not (root / "grids" / "table_1a_ratio_50_nfe1.png").exists()
 
 

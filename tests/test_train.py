@@ -22,6 +22,7 @@ from meanflow.training import batches
 from meanflow.training.checkpoint import checkpoints
 from meanflow.training.distributed import Dist
 from meanflow.training.loop import EXIT_PREEMPTED, Replica, train
+from meanflow.training.lr import lr_at
 from meanflow.training.records import NonFiniteLoss
 from meanflow.data import Store, acquire, encode
 from meanflow.objective import MeanFlow
@@ -213,3 +214,22 @@ def test_two_gloo_processes_equal_one(data_root, tmp_path):
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=f"{f} {k}")
     init = Replica(cfg, Dist(0, 1, torch.device("cpu"))).net.state_dict()
     assert any(not torch.equal(init[k], wa[k]) for k in wa if k in init)  # 4 steps did move the weights
+
+
+# --------------------------------------------------------------------------- learning rate (train.warmup_start)
+def test_warmup_from_zero_is_the_official_optax_schedule():
+    # the official iMF code: optax.linear_schedule(0, lr, W) joined with constant lr at step W
+    lr, W = 6e-4, 10
+    for s in (0, 1, W // 2, W - 1, W, W + 5):
+        assert lr_at(s, lr, W, 0.0) == pytest.approx(lr * s / W if s < W else lr, rel=1e-15, abs=0), s
+    assert lr_at(0, lr, W, 0.0) == 0.0 and lr_at(W, lr, W, 0.0) == lr
+
+
+def test_default_warmup_is_pytorch_linear_lr_at_every_step():
+    lr, W = 6e-4, 10
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1e-8 / lr, total_iters=W)
+    for k in range(W + 3):
+        assert lr_at(k, lr, W) == lr_at(k, lr, W, 1e-8) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12), k
+        opt.step()
+        sched.step()

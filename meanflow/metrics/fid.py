@@ -87,6 +87,21 @@ def extract(fe, arrays, batch: int, device, bar=None, rows: list | None = None):
     return acc, torch.cat(logits) if logits else torch.empty(0)
 
 
+# --------------------------------------------------------------------------- the protocol
+IMAGES = "uint8 = clip(round((x + 1) * 127.5), 0, 255)"   # generate.to_uint8: the ADM, MeanFlow and iMF evaluations'
+REFERENCES = {"adm": "ADM reference batch", "compute": "training-set statistics (own Inception pass)",
+              "npz": "user npz", "digits": "training-set digits features"}
+
+
+def protocol(labels: str | None, reference: str, ref_sha256: str) -> dict:
+    """What makes two FIDs comparable besides the samples: the sample labels (sample.labels), the
+    reference statistics (sample.reference; a user npz by its content) and the image conversion.
+    `name` is the one line tables and stages.compare show and compare by."""
+    ref = f"{reference} {ref_sha256[:12]}" if reference == "npz" else reference
+    return {"labels": labels or "unconditional", "reference": reference, "reference_sha256": ref_sha256,
+            "images": IMAGES, "name": f"labels {labels or 'unconditional'}, reference {ref}"}
+
+
 # --------------------------------------------------------------------------- feature spaces
 class Space:
     """A feature extractor, its layers, the reference statistics, and what to call the result."""
@@ -111,9 +126,11 @@ class Space:
                 self.weights = reference.inception_weights(inception_weights or d.inception_weights)
             except DataError as e:
                 raise MetricError(str(e)) from None
-            self.ref_path = layout.data(cfg).refstats
+            kind, self.ref_path = layout.reference(cfg)
             if not self.ref_path.is_file():
-                raise MetricError(f"{self.ref_path}: no reference statistics; run stages.refstats")
+                make = ("set sample.reference_npz to an npz with mu and sigma" if kind == "npz" else
+                        "run stages.refstats" + ("" if self.ref_path == layout.data(cfg).refstats else f" --source {kind}"))
+                raise MetricError(f"{self.ref_path}: no reference statistics (sample.reference = {cfg.sample.reference}); {make}")
             self.mu, self.sigma, ref_meta = reference.load(self.ref_path)
             from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
             if d.fid_extractor not in FEATURE_EXTRACTORS_REGISTRY:
@@ -132,6 +149,8 @@ class Space:
                               f"{self.weights} has {self.weights_sha256[:12]}...; use the same weights for both")
         self.ref_meta = {k: ref_meta.get(k) for k in ("source", "npz", "npz_sha256", "count", "split", "extractor",
                                                        "feature") if k in ref_meta}
+        self.ref_sha256 = manifest.file_hash(self.ref_path)
+        self.reference = layout.reference(cfg)[0]
 
 
 # --------------------------------------------------------------------------- the stage
@@ -196,13 +215,14 @@ def evaluate(cfg, nfe: int, allow_fewer: bool = False, inception_weights: str | 
         **{space.metric: value},
         **({f"{space.is_key}_mean": isc["mean"], f"{space.is_key}_std": isc["std"]} if isc else {}),
         sample_labels=plan.get("labels"),  # random | balanced (sample.labels); null when unconditional
+        protocol=protocol(plan.get("labels"), space.reference, space.ref_sha256),
         count=count, configured_n=s.n, complete=count == plan["n"] == s.n, allow_fewer=allow_fewer,
         statistics="float64 mean and covariance of the generated features; torch_fidelity.metric_fid.fid_statistics_to_metric",
         samples={"dir": str(out), "sha256": shardsmod.digest(sh["sha256"] for sh, _ in shards),
                  "manifest_sha256": manifest.file_hash(out / shardsmod.MANIFEST) if (out / shardsmod.MANIFEST).exists() else None,
                  "shards": [{"file": sh["file"], "count": sh["count"], "sha256": sh["sha256"]} for sh, _ in shards],
                  "weights_sha256": plan["weights_sha256"]},
-        reference={"path": str(space.ref_path), "sha256": manifest.file_hash(space.ref_path), **space.ref_meta},
+        reference={"path": str(space.ref_path), "sha256": space.ref_sha256, **space.ref_meta},
         feature_extractor={"name": space.name, "layers": space.layers, "weights": str(space.weights),
                            "weights_sha256": space.weights_sha256},
         inception_score=({**isc, "layer": space.layers[1]} if isc else None), bootstrap=boot)

@@ -139,15 +139,18 @@ def compute(cfg) -> tuple[np.ndarray, np.ndarray, dict]:
     return *checked(acc.mean, acc.sigma, f"{p.raw} ({d.fid_extractor} features)"), info
 
 
-def refstats(cfg) -> Path:
+def refstats(cfg, kind: str | None = None) -> Path:
+    """The refstats stage: statistics of `kind` (adm | compute; default data.refstats_source, into
+    refstats.npz; the other kind into refstats-<kind>.npz)."""
     d, p = cfg.data, layout.data(cfg)
-    out = p.refstats
+    kind = kind or d.refstats_source
+    out = p.refstats if kind == d.refstats_source else layout.refstats_of(p, kind)
     if out.exists():
         log.info("%s exists: reference statistics already made", out)
         return out
-    if d.refstats_source == "adm":
+    if kind == "adm":
         if not d.refstats_npz:
-            raise DataError("data.refstats_source = adm needs data.refstats_npz (path or URL of the ADM npz)")
+            raise DataError("ADM reference statistics need data.refstats_npz (path or URL of the ADM npz)")
         mu, sigma, info = import_adm(d.refstats_npz, p.downloads)
     else:
         mu, sigma, info = compute(cfg)
@@ -155,7 +158,7 @@ def refstats(cfg) -> Path:
     tmp = manifest.tmp_path(out)
     with open(tmp, "wb") as f:
         np.savez(f, mu=mu.astype(np.float64), sigma=sigma.astype(np.float64))
-    manifest.write_json(out.with_name(META), manifest.stamp(cfg, **info, dim=len(mu),
+    manifest.write_json(out.with_name(META) if out == p.refstats else out.with_suffix(".json"), manifest.stamp(cfg, **info, dim=len(mu),
                                                              sha256=manifest.file_hash(tmp)))
     os.replace(tmp, out)  # last: refstats.npz exists only when complete
     return out

@@ -3,6 +3,8 @@ scale omega, CFG interval [t_min, t_max]) enter either as adaLN-zero modulation 
 as learned in-context tokens prepended to the patch tokens, with an optional auxiliary v-head
 (the last `head_depth` blocks duplicated, training only). Each modern block piece -- SwiGLU,
 RMSNorm, RoPE, QK-RMSNorm -- is its own switch, so the iMF ablation can turn them on one at a time.
+init = official initialises as the official code (bias-free attention, scaled-variance linears),
+dit as DiT (the pipeline's earlier network: xavier linears with biases, N(0, 0.02) embeddings).
 
 Called as net(z, t, h, y, omega=None, t_min=None, t_max=None, out="u"): omega defaults to 1 and
 the interval to [0, 1] (unguided); out is "u", "v" (the v-head) or "uv" (one trunk pass, both).
@@ -43,15 +45,16 @@ def rope_1d(dim: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through the jvp-capable op; optional QK-RMSNorm and RoPE."""
+    """Multi-head self-attention through the jvp-capable op; optional QK-RMSNorm and RoPE.
+    The official q/k/v/out projections have no bias; DiT's (init = dit) have."""
 
-    def __init__(self, hidden: int, heads: int, qk_norm: bool):
+    def __init__(self, hidden: int, heads: int, qk_norm: bool, bias: bool = True):
         super().__init__()
         self.heads, self.head_dim = heads, hidden // heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=bias)   # fused q, k, v: each row still has fan_in = hidden
         self.q_norm = RmsNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = RmsNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(hidden, hidden)
+        self.proj = nn.Linear(hidden, hidden, bias=bias)
 
     def forward(self, x, rope=None):
         B, N, C = x.shape
@@ -67,11 +70,11 @@ class Block(nn.Module):
     """Pre-norm transformer block. adaln: DiT's adaLN-zero (shift, scale, gate from c); otherwise
     zero-initialised per-channel gates on both residuals (the official iMF block)."""
 
-    def __init__(self, hidden, heads, mlp_ratio, adaln, swiglu, rmsnorm, qk_norm):
+    def __init__(self, hidden, heads, mlp_ratio, adaln, swiglu, rmsnorm, qk_norm, bias=True):
         super().__init__()
         self.adaln = adaln
         self.norm1, self.norm2 = (_norm(hidden, rmsnorm, affine=not adaln) for _ in range(2))
-        self.attn = Attention(hidden, heads, qk_norm)
+        self.attn = Attention(hidden, heads, qk_norm, bias)
         if swiglu:  # 2/3 of the width keeps the GELU MLP's parameter count (8/3 x hidden at ratio 4)
             self.mlp = SwiGLU(hidden, int(hidden * mlp_ratio * 2 / 3), bias=False)
         else:
@@ -111,10 +114,12 @@ class IMFDiT(nn.Module):
     def __init__(self, input_size=32, patch=2, in_channels=4, hidden=768, depth=12, heads=12, mlp_ratio=4.0,
                  num_classes=1000, time_cond="t-r", t_scale=1.0, cond="in_context", omega_cond=True,
                  interval_cond=True, v_head=True, head_depth=8, tokens=(8, 4, 4, 2), swiglu=True, rmsnorm=True,
-                 rope=True, qk_norm=True):
+                 rope=True, qk_norm=True, init="official"):
         super().__init__()
         if cond not in ("adaln", "in_context"):
             raise ValueError(f"model.cond: {cond!r} is not adaln or in_context")
+        if init not in ("official", "dit"):
+            raise ValueError(f"model.init: {init!r} is not official or dit")
         if v_head and not 0 < head_depth <= depth:
             raise ValueError(f"model.head_depth = {head_depth}: the v-head needs 0 < head_depth <= depth = {depth}")
         self.in_channels, self.patch, self.num_classes, self.cond = in_channels, patch, num_classes, cond
@@ -146,18 +151,21 @@ class IMFDiT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
         else:
             self.register_buffer("pos_embed", build_sincos2d_pos_embed([grid, grid], hidden)[None], persistent=False)
-        blk = lambda: Block(hidden, heads, mlp_ratio, adaln, swiglu, rmsnorm, qk_norm)
+        blk = lambda: Block(hidden, heads, mlp_ratio, adaln, swiglu, rmsnorm, qk_norm, bias=init == "dit")
         hd = head_depth if v_head else 0
         self.blocks = nn.ModuleList(blk() for _ in range(depth - hd))   # shared trunk (+ the u head)
         self.u_blocks = nn.ModuleList(blk() for _ in range(hd))
         self.final_layer = Final(hidden, patch, in_channels, adaln, rmsnorm)
         self.v_blocks = nn.ModuleList(blk() for _ in range(hd)) if v_head else None
         self.v_final_layer = Final(hidden, patch, in_channels, adaln, rmsnorm) if v_head else None
-        self.initialize_weights()
+        self.initialize_weights(init)
 
-    def initialize_weights(self):
+    def initialize_weights(self, init="official"):
         embs = [*self.t_embedder.embedders, self.omega_embedder, self.t_min_embedder, self.t_max_embedder]
-        init_common(self, filter(None, embs))
+        if init == "dit":
+            init_common(self, filter(None, embs))
+        else:
+            self.official_init(filter(None, embs))
         for m in self.modules():  # the "zero" of adaLN-zero, and zero outputs
             if isinstance(m, (Block, Final)) and m.adaln:
                 nn.init.zeros_(m.adaLN_modulation[-1].weight)
@@ -165,6 +173,32 @@ class IMFDiT(nn.Module):
             if isinstance(m, Final):
                 nn.init.zeros_(m.linear.weight)
                 nn.init.zeros_(m.linear.bias)
+
+    def official_init(self, time_embedders, gain=0.32):
+        """The official code's init (torch_models.py TorchLinear "scaled_variance": N(0, (c / sqrt(fan_in))^2),
+        zero bias): block linears c = 0.32 (weight_init_constant), every time / omega / interval
+        embedder linear c = 1, the class table N(0, 1 / hidden); the patch embedding xavier over
+        (kh kw cin -> hidden), zero bias. Tokens (N(0, 1 / hidden)), zero gates and unit norms are
+        set at construction; adaLN modulation (cond = adaln, which the official code lacks: its block
+        linears follow the same rule) and output layers are zeroed by the caller."""
+        def normal(lin, c):
+            nn.init.normal_(lin.weight, std=c / math.sqrt(lin.in_features))
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+        for blk in self.modules():
+            if isinstance(blk, Block):   # the GELU Mlp's fc1/fc2 too: our extension, the official block is SwiGLU
+                for m in (*blk.attn.modules(), *blk.mlp.modules()):
+                    if isinstance(m, nn.Linear):
+                        normal(m, gain)
+        for emb in time_embedders:
+            normal(emb.mlp[0], 1.0)
+            normal(emb.mlp[2], 1.0)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.table.weight, std=1 / math.sqrt(self.y_embedder.table.embedding_dim))
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
 
     def unpatchify(self, x):
         p, c = self.patch, self.in_channels
@@ -234,4 +268,4 @@ def build_imf_dit(cfg) -> IMFDiT:
                   mlp_ratio=m.mlp_ratio, num_classes=d.num_classes, time_cond=m.time_cond, t_scale=m.t_scale,
                   cond=m.cond, omega_cond=mf.omega_cond, interval_cond=mf.interval_cond,
                   v_head=mf.v_source == "head", head_depth=m.head_depth, tokens=tuple(m.tokens), swiglu=m.swiglu,
-                  rmsnorm=m.rmsnorm, rope=m.rope, qk_norm=m.qk_norm)
+                  rmsnorm=m.rmsnorm, rope=m.rope, qk_norm=m.qk_norm, init=m.init)

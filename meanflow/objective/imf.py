@@ -6,19 +6,23 @@ jvp tangent of z is the network's own predicted v at (z, t): the boundary condit
 an auxiliary v-head trained with its own v-loss. Guidance is a condition of the network:
 
     w    = omega inside [t_min, t_max], 1 outside
-    v_g  = v + (1 - 1/w) (v_c - v_u)        v_c, v_u: the network's v (no gradient) for the class
-                                             and the null class, both at h = 0, interval [0, 1]
+    v_g  = v + (1 - 1/w) (v_c - v_u)        v_c: the network's v (no gradient) for the class at w,
+                                             v_u: for the null class at omega = 1, both at h = 0,
+                                             interval [0, 1] (the official guidance_fn / v_fn)
 
 omega per example from the power law on [1, 1 + s_max] (cfg_beta), t_min ~ U[0, 0.5], t_max ~
 U[0.5, 1] (examples with r = t: [0, 1], as in the official code), or fixed (meanflow.omega, t_start,
 t_end) when the network does not see them. Label-dropped examples get the null class and target v; they are
 drawn as the official `cond_drop` draws them (Objective.sample_drop: as many as Bernoulli(class_drop)
-gives, from the front of the batch, where r = t), MeanFlow's layout too.
+gives, from the front of the batch, where r = t), MeanFlow's layout too. The jvp tangent is v_c on
+every row, the dropped ones included, as in the official code.
 
-Two documented departures from the official code: the null-class branch sees the same omega as the
-class branch (the official v_u is taken at omega = 1, a condition the u-call never pairs with the
-null class), and a label-dropped example's jvp tangent is the null-class v (the velocity of the flow
-its u-call describes; the official code uses the class v there).
+Two switches reproduce the pipeline's earlier departures: meanflow.null_omega = row takes v_u at the
+class branch's w (one = omega 1, official; without omega_cond omega is no network input and the two
+agree), and meanflow.drop_tangent = null gives a label-dropped example the null-class v_u as its
+tangent (the velocity of the flow its u-call describes; class = v_c, official). Under mask_layout
+front the dropped examples have r = t, where (t - r) du/dt vanishes, so the tangent then matters
+only if more than the r = t part of the batch is dropped.
 """
 from __future__ import annotations
 
@@ -84,15 +88,21 @@ class IMF(Objective):
 
     @torch.no_grad()
     def guidance(self, net, z, t, v, y, drop, omega, t_min, t_max):
-        """(v_g, the jvp tangent, the network's labels): see the module docstring."""
+        """(v_g, the jvp tangent, the network's labels): see the module docstring. The official code
+        takes v_c of the r = t rows at the raw omega (v_g_fm), but their interval is [0, 1], which
+        holds every t, so w = omega there and one v_c at w serves all rows (a fixed [t_start, t_end],
+        which the official code lacks, windows the r = t rows too)."""
+        c = self.cfg
         w = torch.where((t >= t_min) & (t <= t_max), omega, torch.ones_like(omega))
         if self.num_classes == 0:
             return v, net_velocity(net, z, t, [self.v_call(None, w)])[0], None
         null = torch.full_like(y, self.num_classes)
-        v_c, v_u = net_velocity(net, z, t, [self.v_call(y, w), self.v_call(null, w)])
+        w_u = w if c.null_omega == "row" else torch.ones_like(w)   # official v_fn: [omega, ones]
+        v_c, v_u = net_velocity(net, z, t, [self.v_call(y, w), self.v_call(null, w_u)])
         v_g = v + _bcast(1 - 1 / w, v) * (v_c - v_u)
         d = _bcast(drop, v)
-        return torch.where(d, v, v_g), torch.where(d, v_u, v_c), torch.where(drop, null, y)
+        tangent = torch.where(d, v_u, v_c) if c.drop_tangent == "null" else v_c
+        return torch.where(d, v, v_g), tangent, torch.where(drop, null, y)
 
     # ------------------------------------------------------------------ loss
     def loss(self, net, x, y, d, grad_net, aug, jvp_rows, groups) -> LossOutput:

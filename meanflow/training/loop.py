@@ -10,7 +10,8 @@ the global batch and each rank keeps its share (batches.py), so W processes on B
 equal one process on B up to float summation order. Exception: the torch global RNG that networks
 use inside (dropout) is re-seeded per (step, rank), so its masks do depend on the world size.
 Gradients are averaged across ranks by distributed.py; the learning rate of step k is lr.lr_at(k)
-(train.warmup_steps), set by the loop before the step.
+(train.warmup_steps, train.warmup_start), set by the loop before the step; its arithmetic is
+train.precision's (runtime.use_precision, set as the group's training starts).
 
 Outputs per run (records.py): checkpoints/, dvclive/ metrics; at the end only, ema.safetensors and
 train_manifest.json.
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .. import layout
-from ..runtime import seed_of
+from ..runtime import seed_of, use_precision
 from .batches import Batch, EpochSampler, load_batch
 from .distributed import Dist, GradAverager, init_distributed
 from .lr import lr_at, total_steps
@@ -169,6 +170,7 @@ class Loop:
         and (GPU) the prefetch thread."""
         from tqdm import tqdm
         tc, g = self.cfg.train, self.group
+        use_precision(self.env.device, tc.precision)   # process-global TF32 flags: where training starts
         ks = {r.resume() for r in g.replicas}
         if len(ks) > 1:
             raise TrainError(f"replicas trained as one group resume from different steps {sorted(ks)}")
@@ -209,11 +211,12 @@ class Loop:
             x, y, draws = self._fetch(k)
         if tc.warmup_steps:  # the lr schedule (lr.py): a function of k alone, so a resumed run follows it
             for pg in g.opt.param_groups:
-                pg["lr"] = lr_at(k, tc.lr, tc.warmup_steps)
+                pg["lr"] = lr_at(k, tc.lr, tc.warmup_steps, tc.warmup_start)
         torch.manual_seed(seed_of(tc.seed, "torch", k, self.env.rank))  # dropout
         try:
             vals, stop = step(g.objective, g.net, g.opt, x, y, ema=g.ema, averager=g.averager, grad_net=g.fwd,
-                              draws=draws, stop=stop_requested, where=f" at step {k + 1}{self.ids}")
+                              draws=draws, stop=stop_requested, where=f" at step {k + 1}{self.ids}",
+                              precision=tc.precision)
         except NonFiniteLoss as e:
             last = ", ".join(r.records.last_good() for r in g.replicas)
             raise NonFiniteLoss(f"{e}; last good checkpoint{'s' if self.R > 1 else ''}: {last}") from None

@@ -1,16 +1,19 @@
-"""The learning-rate schedule: linear warm-up over train.warmup_steps, then constant (paper App. A:
-10K warm-up steps on CIFAR-10). A pure function of the step, so a resumed run follows it exactly."""
+"""The learning-rate schedule: linear warm-up over train.warmup_steps from train.warmup_start, then
+constant (paper App. A: 10K warm-up steps on CIFAR-10). A pure function of the step, so a resumed
+run follows it exactly."""
 from __future__ import annotations
 
 WARMUP_START = 1e-8   # py-meanflow: LinearLR(start_factor=1e-8 / lr, end_factor=1, total_iters=warmup)
 
 
-def lr_at(step: int, lr: float, warmup_steps: int = 0) -> float:
-    """Learning rate of the update made at 0-based step `step` (PyTorch's LinearLR values)."""
+def lr_at(step: int, lr: float, warmup_steps: int = 0, start: float = WARMUP_START) -> float:
+    """Learning rate of the update made at 0-based step `step`: PyTorch's LinearLR values from
+    `start` (train.warmup_start); start = 0 gives the official iMF code's optax
+    linear_schedule(0, lr, warmup_steps), lr * step / warmup_steps, then lr."""
     if step >= warmup_steps:
         return lr
-    start = min(WARMUP_START / lr, 1.0)
-    return lr * (start + (1.0 - start) * step / warmup_steps)
+    f = min(start / lr, 1.0)   # LinearLR's start_factor
+    return lr * (f + (1.0 - f) * step / warmup_steps)
 
 
 def total_steps(train_cfg, dataset_size: int) -> int:

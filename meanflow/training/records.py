@@ -187,6 +187,7 @@ class Records:
         """The run's final outputs (rank 0), once training is complete: EMA weights and the manifest;
         then all but the newest train.keep_ckpts_done checkpoints are deleted."""
         from .. import manifest
+        from ..runtime import precision_used
         tc, ema_path = self.cfg.train, self.paths.ema
         save_final_ema(ema_path, ema_net, {"run_id": self.cfg.run_id, "step": tc.steps})
         body = manifest.stamp(self.cfg, run_id=self.cfg.run_id, steps=tc.steps, batch=tc.batch,
@@ -198,6 +199,7 @@ class Records:
                               wall_seconds=round(time.time() - self.wall0, 3),
                               train_seconds=round(self.train_seconds + time.time() - self.started, 3),
                               config=self.cfg.raw)
+        body["env"]["precision"] = precision_used(self.env.device, tc.precision)   # how the run was computed
         out = manifest.write_json(self.paths.train_manifest, body)
         for gone in prune(self.run_dir, tc.keep_ckpts_done):   # what continuing the run needs stays
             log.info("removed %s: the finished run keeps its newest %d (train.keep_ckpts_done)", gone, tc.keep_ckpts_done)

@@ -1,4 +1,4 @@
-"""The one training step: loss (bf16 autocast on GPU), backward, gradients averaged over ranks,
+"""The one training step: loss (train.precision on GPU), backward, gradients averaged over ranks,
 the finite-loss check, the optimiser update, the EMA. The train stage (loop.py, for one run or R
 stacked replicas), the toy demo and bench/train_step.py all run this function.
 
@@ -43,18 +43,19 @@ class EMA:
 
 
 def step(objective, net, opt, x, y=None, *, ema=None, averager=None, grad_net=None, generator=None,
-         draws: dict | None = None, stop: bool = False, where: str = "") -> tuple[list[list[float]], bool]:
+         draws: dict | None = None, stop: bool = False, where: str = "",
+         precision: str = "bf16") -> tuple[list[list[float]], bool]:
     """One optimisation step on batch (x, y). The objective draws (e, t, r, drop; iMF's omega,
     t_min, t_max) from `generator` unless `draws` gives them (stacked replicas add jvp_rows and
     groups = R). `averager` (distributed.GradAverager) averages gradients over ranks; `grad_net`
-    runs the gradient-carrying forward. Returns each replica's METRICS (global means; one list for
-    a plain run) and the global stop flag (any rank's `stop`), in one host sync. A non-finite loss
-    raises NonFiniteLoss before the update."""
+    runs the gradient-carrying forward; `precision` is train.precision (runtime.autocast). Returns
+    each replica's METRICS (global means; one list for a plain run) and the global stop flag (any
+    rank's `stop`), in one host sync. A non-finite loss raises NonFiniteLoss before the update."""
     if averager:
         averager.zero()
     else:
         opt.zero_grad(set_to_none=True)
-    with autocast(x.device):
+    with autocast(x.device, precision):
         out = objective(net, x, y, generator=generator, grad_net=grad_net, **(draws or {}))
     out.loss.sum().backward()  # stacked replicas: the sum of their means, each gradient its own loss's
     stats = torch.stack([getattr(out, m).detach().float() for m in METRICS]).reshape(len(METRICS), -1)

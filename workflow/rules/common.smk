@@ -44,4 +44,8 @@ RES = mfplan.resources(TIER)
 def res(stage):
     """The stage's resources per job: none to speak of for a run that copies its source's outputs."""
     return {k: (lambda w, k=k: mfplan.COPY[k] if RUNS[w.run].source else RES[stage][k]) for k in RES[stage]}
-FID_REF = str(PLAN.fid_reference())   # refstats.npz, or the digits feature net on tiny
+
+
+def fid_ref(run):
+    """What run's fid stage compares against (its sample.reference): a refstats npz, a user npz, or the digits net on tiny."""
+    return str(PLAN.fid_reference(RUNS[run].cfg))

@@ -10,7 +10,7 @@ rule sample:
     shell: "{params.launch} -m stages.sample --params {PARAMS} --tier {TIER} --experiment {params.exp}{params.rep} --no-progress > {log} 2>&1"
 
 rule fid:
-    input: [str(R.samples(k)) for k in NFE], FID_REF, CODE["fid"], src=lambda w: PLAN.after(w.run, "fid")
+    input: [str(R.samples(k)) for k in NFE], CODE["fid"], ref=lambda w: fid_ref(w.run), src=lambda w: PLAN.after(w.run, "fid")
     output: [str(R.metrics(k)) for k in NFE]
     params: exp=lambda w: RUNS[w.run].experiment, rep=lambda w: REP[w.run], cfg=lambda w: RUNS[w.run].hash
     threads: lambda w: RUNS[w.run].cfg.sample.threads   # the stage sets the same itself (stages.use_threads)

@@ -4,7 +4,7 @@
 for first, (exp, ids) in PLAN.groups.items():
     rule:
         name: "replicas_" + re.sub(r"\W", "_", first)
-        input: str(D.store_manifest), FID_REF, CODE["replicas"], PLAN.after(ids)
+        input: str(D.store_manifest), sorted({fid_ref(i) for i in ids}), CODE["replicas"], PLAN.after(ids)
         output:
             [str(PLAN.run_paths(i).ema) for i in ids],
             [str(PLAN.run_paths(i).train_manifest) for i in ids],

@@ -62,14 +62,19 @@ def generate(params: dict, tiers: list[str] | None = None) -> dict:
                                    "outs": [{ok: {"persist": True}}]}   # persist: not removed before the check runs
         dparams = ["defaults.data", f"tiers.{tier}.data"] if (params["tiers"][tier] or {}).get("data") else ["defaults.data"]
 
-        def data_stage(stage, deps, outs):
-            log = layout.log(tier, stage)
-            stages[f"{stage}-{tier}"] = {"cmd": stage_cmd(stage, tier, log=log), "deps": [ok, *deps, *code[stage]],
-                                         "params": dparams, "outs": [*map(str, outs), str(log)]}
+        def data_stage(stage, deps, outs, kind=None):
+            name = stage + (f"-{kind}" if kind else "")   # refstats-<kind>: as the rule refstats_other
+            log = layout.log(tier, name)
+            stages[f"{name}-{tier}"] = {"cmd": stage_cmd(stage, tier, extra=f" --source {kind}" if kind else "", log=log),
+                                        "deps": [ok, *deps, *code[stage]], "params": dparams,
+                                        "outs": [*map(str, outs), str(log)]}
         data_stage("acquire", [], [d.raw])
         data_stage("encode", [str(d.index)], [d.store])
-        ref = plan.fid_reference()
-        data_stage("refstats" if ref == d.refstats else "features", [str(d.index)], [ref])
+        if plan.fid_reference() == d.feature_net:
+            data_stage("features", [str(d.index)], [d.feature_net])
+        for path, kind in plan.references().items():   # the tier's refstats.npz, then other kinds rows ask for
+            data_stage("refstats", [str(d.index)], [path], None if path == d.refstats else kind)
+        ref = {n: plan.fid_reference(r.cfg) for n, r in plan.runs.items()}
         # Stages are keyed by run name (experiment row and replica), as the run directories are, so a
         # value changed with `dvc exp run -S` leaves every stage name and path as it was. A run with
         # a source (the same configuration in an earlier row) also depends on the source's outputs
@@ -85,7 +90,7 @@ def generate(params: dict, tiers: list[str] | None = None) -> dict:
         for stage in ("train", "sample", "fid"):
             for n, item in items.items():   # one stage each: a foreach cannot vary deps per item
                 rd = plan.run_paths(n)
-                deps = {"train": [d.store_manifest], "sample": [rd.ema], "fid": [*(rd.samples(k) for k in plan.nfe), ref]}[stage]
+                deps = {"train": [d.store_manifest], "sample": [rd.ema], "fid": [*(rd.samples(k) for k in plan.nfe), ref[n]]}[stage]
                 log = layout.log(tier, stage, n)
                 stages[f"{stage}-{n}-{tier}"] = {
                     "cmd": stage_cmd(stage, tier, item["exp"] + item["rep"], " --no-progress", bool(plan.runs[n].source), log),
@@ -97,7 +102,7 @@ def generate(params: dict, tiers: list[str] | None = None) -> dict:
             log = layout.log(tier, "replicas", first)
             stages[f"replicas-{first}-{tier}"] = {
                 "cmd": stage_cmd("replicas", tier, exp, " --no-progress", log=log),
-                "deps": [ok, str(d.store_manifest), str(ref), *after(ids, ("train", "sample", "fid")), *code["replicas"]],
+                "deps": [ok, str(d.store_manifest), *sorted({str(ref[i]) for i in ids}), *after(ids, ("train", "sample", "fid")), *code["replicas"]],
                 "params": ["defaults", f"tiers.{tier}", f"experiments.{exp}", *src_params(plan, ids)],
                 "outs": [*(str(o) for n in ids for st in ("train", "sample", "fid") for o in plan.outputs(n, st)), str(log)]}
         stages[f"tables-{tier}"] = {

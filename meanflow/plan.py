@@ -57,13 +57,20 @@ class Row:
 class Run:
     """One experiment row's run (replica `replicate`), in runs/<tier>/<name>; `source` is the name
     of the plan's first run of the very same configuration (meanflow.reuse copies its outputs), or
-    None when this run is that first one."""
+    None when this run is that first one; `trained_by`, when there is no source, the plan's first
+    run of the same run id (the same training, sampled or scored otherwise: e.g. imf1_mf, MF-B/2
+    under iMF's FID protocol), whose training alone it copies."""
     name: str
     run_id: str
     experiment: str
     cfg: config.Config = field(repr=False)
     replicate: int = 0
     source: str | None = None
+    trained_by: str | None = None
+
+    def source_for(self, stage: str) -> str | None:
+        """The run whose `stage` outputs this run copies (train, sample, fid; replicas: train's)."""
+        return self.source or (self.trained_by if stage in ("train", "replicas") else None)
 
     @property
     def run_dir(self) -> str:
@@ -145,11 +152,14 @@ class Plan:
         # every experiment row's replicas, by run name; a configuration seen before has that run as source
         self.runs: dict[str, Run] = {}
         first: dict[str, str] = {}
+        first_trained: dict[str, str] = {}
         for r in self.rows:
             for i, c in enumerate(r.replicas):
                 if c.name not in self.runs:
                     src = first.setdefault(c.params_hash, c.name)
-                    self.runs[c.name] = Run(c.name, c.run_id, r.experiment, c, i, None if src == c.name else src)
+                    by = first_trained.setdefault(c.run_id, c.name)
+                    self.runs[c.name] = Run(c.name, c.run_id, r.experiment, c, i, None if src == c.name else src,
+                                            None if src != c.name or by == c.name else by)
 
     @property
     def nfe(self) -> list[int]:
@@ -172,14 +182,15 @@ class Plan:
         full = self.base if experiment is None else config.resolve(self.params, self.tier, experiment, self.where)
         return [replica(full, i) for i in range(replicates(full))]
 
-    def source_of(self, cfg: config.Config) -> config.Config | None:
-        """The config of the plan's first run of cfg's very configuration when that is another run
-        (meanflow.reuse copies its outputs); None when cfg's run is that first one, is not a run of
-        the tier's tables, or was changed since (e.g. by a stage's --steps)."""
+    def source_of(self, cfg: config.Config, stage: str = "train") -> config.Config | None:
+        """The config of the run whose `stage` outputs cfg's run copies (meanflow.reuse; Run.source_for):
+        None when there is none, cfg's run is not a run of the tier's tables, or was changed since
+        (e.g. by a stage's --steps)."""
         run = self.runs.get(cfg.name) if cfg.name else None
-        if run is None or run.source is None or run.cfg.params_hash != cfg.params_hash:
+        src = run and run.source_for(stage)
+        if not src or run.cfg.params_hash != cfg.params_hash:
             return None
-        return self.runs[run.source].cfg
+        return self.runs[src].cfg
 
     def run_paths(self, run: str = "{run}") -> layout.RunPaths:
         """A run's layout under this tier (default: the Snakemake pattern with the {run} wildcard)."""
@@ -194,9 +205,9 @@ class Plan:
     def after(self, runs: str | list[str], stages=("train", "sample", "fid")) -> list[str]:
         """What the jobs of `runs` wait for: their sources' outputs of `stages` (meanflow.reuse copies
         them), none for runs without a source."""
-        srcs = [self.runs[r].source for r in ([runs] if isinstance(runs, str) else runs)]
-        return [str(o) for s in srcs if s for st in ([stages] if isinstance(stages, str) else stages)
-                for o in self.outputs(s, st)]
+        sts = [stages] if isinstance(stages, str) else stages
+        return [str(o) for r in ([runs] if isinstance(runs, str) else runs) for st in sts
+                if (s := self.runs[r].source_for(st)) for o in self.outputs(s, st)]
 
     def data_hash(self) -> str:
         """Changes when the tier's data section changes (the data rules' params trigger)."""

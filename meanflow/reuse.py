@@ -63,17 +63,24 @@ def _restamp(path: Path, cfg, src: Path, **fields) -> None:
     manifest.write_json(path, m)
 
 
-def adopt(cfg, source, stages=STAGES) -> set[str]:
-    """Copy what cfg's source run (the plan's Plan.source_of(cfg): a Config, or None) has finished
-    of `stages` into cfg's run directory (in stage order; each only when the previous one is in
-    place); the stages adopted."""
-    if source is None:
+def adopt(cfg, sources, stages=STAGES) -> set[str]:
+    """Copy what cfg's source runs (stage -> the plan's Plan.source_of(cfg, stage): a Config, or
+    None; one Config: the source of every stage) have finished of `stages` into cfg's run directory
+    (in stage order; each only when the previous one is in place); the stages adopted. A train
+    source of the same run id but another params hash (another sample or fid setting) gives only
+    its training: the manifest copied says this run's params hash and config."""
+    sources = sources if isinstance(sources, dict) else dict.fromkeys(STAGES, sources)
+    if not any(sources.get(s) for s in stages):
         return set()
-    src, dst, done, copied = layout.run(source), layout.run(cfg), set(), []
+    dst, done, copied = layout.run(cfg), set(), []
     if "train" in stages:
         if not trained(cfg):
+            if sources.get("train") is None:
+                return done
+            src = layout.run(sources["train"])
             copied.append("train")
-            if not (_ours(_read(src.train_manifest), cfg) and src.ema.is_file()):
+            m = _read(src.train_manifest)
+            if not (m and m.get("run_id") == cfg.run_id and src.ema.is_file()):
                 return done
             dst.root.mkdir(parents=True, exist_ok=True)
             set_aside(dst.root, cfg.run_id)   # another configuration's run, from before a value changed
@@ -81,8 +88,13 @@ def adopt(cfg, source, stages=STAGES) -> set[str]:
                 if s.exists():
                     _place(s, d)
             shutil.copy2(src.train_manifest, dst.train_manifest)
-            _restamp(dst.train_manifest, cfg, src.root)
+            _restamp(dst.train_manifest, cfg, src.root, params_hash=cfg.params_hash, config=cfg.raw)
         done.add("train")
+    if sources.get("sample") is None:
+        if copied:
+            log.info("run %s (%s): its training copied from %s, the same run", cfg.run_id, dst.root, src.root)
+        return done
+    src = layout.run(sources["sample"])
     nfes = list(cfg.sample.nfe)
     if "sample" in stages:
         for k in nfes:

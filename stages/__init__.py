@@ -58,8 +58,9 @@ def debug_flag(p: argparse.ArgumentParser) -> None:
 @dataclasses.dataclass
 class Job:
     """A run stage's configs, resolved once from the tier's plan (meanflow.plan): `cfgs` (the run, or
-    a row's replicas) and each one's source (the plan's earlier run of the very same
-    configuration, whose outputs meanflow.reuse copies; None when there is none)."""
+    a row's replicas) and each one's sources (stage -> the plan's earlier run whose outputs of that
+    stage meanflow.reuse copies: the very same configuration, or for train the same run id; None
+    when there is none)."""
 
     cfgs: list
     sources: list
@@ -74,6 +75,11 @@ class Job:
         only copies takes a fraction of a second."""
         from meanflow import reuse
         return [c for c, s in zip(self.cfgs, self.sources) if reuse.adopt(c, s, stages) != set(stages)]
+
+
+def reuse_stages() -> tuple:
+    from meanflow.reuse import STAGES
+    return STAGES
 
 
 THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")   # what Snakemake sets for a job's threads
@@ -114,7 +120,7 @@ def job(p: argparse.ArgumentParser, args, where: str = "", replicas: bool = Fals
         if any(over.values()):
             cfgs = [_override(c, over, f"{args.params} with {where}") for c in cfgs]
         use_threads(getattr(cfgs[0], threads).threads)
-        return Job(cfgs, [pl.source_of(c) for c in cfgs])
+        return Job(cfgs, [{st: pl.source_of(c, st) for st in reuse_stages()} for c in cfgs])
 
 
 def _override(cfg: config.Config, over: dict, where: str) -> config.Config:

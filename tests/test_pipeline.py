@@ -128,9 +128,9 @@ def test_snakemake_and_dvc_agree(repo, tier):
 def test_imagenet_dry_run_lists_the_paper_dag(repo):
     jobs = dry_jobs(repo, "imagenet")
     rules = [r for r, _, _ in jobs]
-    # one chain per experiment row (48), of which 42 distinct configurations (31 MF + 11 iMF) compute
-    # and 6 rows restating one of them copy it (meanflow.reuse): plain python, no GPU launcher
-    # (imf1_mf trains MF-B/2's configuration but is scored under iMF's protocol: a configuration of its own).
+    # one chain per experiment row (48), of which 41 distinct trainings (31 MF + 10 iMF) compute and 7
+    # copy an earlier row's (meanflow.reuse): plain python, no GPU launcher (imf1_mf is MF-B/2's
+    # training, sampled and scored under iMF's protocol: it copies the training only).
     # Two kinds of reference statistics: ADM's (MeanFlow's rows, refstats.npz) and the training set's
     # (the iMF rows' protocol, refstats-compute.npz)
     assert {r: rules.count(r) for r in set(rules)} == {
@@ -138,7 +138,9 @@ def test_imagenet_dry_run_lists_the_paper_dag(repo):
     assert [c for r, _, c in jobs if r == "refstats_other"] == [
         "python -m stages.refstats --params params.yaml --tier imagenet --source compute > logs/imagenet/refstats-compute.log 2>&1"]
     trains = [c for r, _, c in jobs if r == "train"]
-    assert sum(c.startswith("torchrun") for c in trains) == 42 and sum(c.startswith("python") for c in trains) == 6
+    assert sum(c.startswith("torchrun") for c in trains) == 41 and sum(c.startswith("python") for c in trains) == 7
+    samples = {o[0].split("/")[2]: c for r, o, c in jobs if r == "sample"}
+    assert samples["imf1_mf"].startswith("torchrun") and samples["MF-B_2"].startswith("torchrun")
 
 
 # --------------------------------------------------------------------------- validation and reruns

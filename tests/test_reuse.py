@@ -61,11 +61,13 @@ def tier_cfg(data_root: Path, runs: Path) -> dict:
             "sample": {"n": 40, "nfe": [1, 2], "features": "digits", "fid_batch": 40, "device": "cpu"}}
 
 
-def write_params(path: Path, data_root: Path, b_lr: float) -> Path:
+def write_params(path: Path, data_root: Path, b_lr: float, c_labels: str = "random") -> Path:
+    """Rows a, b (a's configuration while b_lr = 0.002) and c (a's training, sampled with c_labels)."""
     path.write_text(yaml.safe_dump({
         "tier": "t", "tiers": {"t": tier_cfg(data_root, path.parent / "runs")},
-        "experiments": {"a": {"train": {"lr": 0.002}}, "b": {"train": {"lr": b_lr}}},
-        "tables": {"tiers": {"t": ["x"]}, "rows": {"x": ["a", "b"]}}}))
+        "experiments": {"a": {"train": {"lr": 0.002}}, "b": {"train": {"lr": b_lr}},
+                        "c": {"train": {"lr": 0.002}, "sample": {"labels": c_labels}}},
+        "tables": {"tiers": {"t": ["x"]}, "rows": {"x": ["a", "b", "c"]}}}))
     return path
 
 
@@ -117,3 +119,23 @@ def test_a_row_restating_another_copies_its_run_until_its_value_changes(data_roo
     assert files(aside) == kept                                           # byte for byte what b held
     call(clean_stage.main, "--params", p)
     assert f"unreferenced: {aside}" in capsys.readouterr().out
+
+
+def test_a_row_of_the_same_training_sampled_otherwise_copies_the_training_only(data_root, tmp_path):
+    """c trains a's configuration but samples with balanced labels (as imf1_mf is MF-B/2 under iMF's
+    FID protocol): its train stage copies a's training (no checkpoint of its own, the EMA's bytes),
+    with c's params hash in the copied manifest; it samples and scores its own."""
+    p = write_params(tmp_path / "params.yaml", data_root, b_lr=0.002, c_labels="balanced")
+    pl = plan.Plan(config.load_params(p), "t")
+    assert (pl.runs["c"].source, pl.runs["c"].trained_by) == (None, "a") and pl.runs["c"].run_id == pl.runs["a"].run_id
+    assert pl.after("c", "train") and not pl.after("c", ("sample", "fid"))
+    call(replicas_stage.main, "--params", p, "--experiment", "a", "--no-progress")
+    call(replicas_stage.main, "--params", p, "--experiment", "c", "--no-progress")
+    a, c = layout.run(tmp_path / "runs" / "t" / "a"), layout.run(tmp_path / "runs" / "t" / "c")
+    assert c.ema.read_bytes() == a.ema.read_bytes() and not c.checkpoints.exists()
+    tc = json.loads(c.train_manifest.read_text())
+    assert (tc["copied_from"], tc["params_hash"]) == (str(a.root), pl.runs["c"].cfg.params_hash)
+    assert tc["config"]["sample"]["labels"] == "balanced"
+    ma, mc = (json.loads(x.metrics(1).read_text()) for x in (a, c))
+    assert (ma["sample_labels"], mc["sample_labels"]) == ("random", "balanced") and "copied_from" not in mc
+    assert mc["samples"]["sha256"] != ma["samples"]["sha256"]

@@ -43,7 +43,7 @@ RES = mfplan.resources(TIER)
 
 def res(stage):
     """The stage's resources per job: none to speak of for a run that copies its source's outputs."""
-    return {k: (lambda w, k=k: mfplan.COPY[k] if RUNS[w.run].source else RES[stage][k]) for k in RES[stage]}
+    return {k: (lambda w, k=k: mfplan.COPY[k] if RUNS[w.run].source_for(stage) else RES[stage][k]) for k in RES[stage]}
 
 
 def fid_ref(run):

@@ -30,11 +30,11 @@ def stage_cmd(stage: str, tier: str, exp: str | None = None, extra: str = "", co
     return cmd + (f" --experiment {exp}" if exp is not None else "") + extra + (f" > {log} 2>&1" if log else "")
 
 
-def src_params(plan, names: list[str]) -> list[str]:
-    """The params of the experiments whose runs are sources of `names` (none of their own)."""
+def src_params(plan, names: list[str], stage: str) -> list[str]:
+    """The params of the experiments whose runs are `stage`'s sources of `names` (none of their own)."""
     own = {plan.runs[n].experiment for n in names}
-    return list(dict.fromkeys(f"experiments.{plan.runs[plan.runs[n].source].experiment}" for n in names
-                              if plan.runs[n].source and plan.runs[plan.runs[n].source].experiment not in own))
+    srcs = [s for n in names if (s := plan.runs[n].source_for(stage))]
+    return list(dict.fromkeys(f"experiments.{plan.runs[s].experiment}" for s in srcs if plan.runs[s].experiment not in own))
 
 
 def tiers_of(text: str) -> list[str]:
@@ -81,8 +81,8 @@ def generate(params: dict, tiers: list[str] | None = None) -> dict:
         # and params: its stage runs after it and copies them (meanflow.reuse), and reruns when the
         # source's values change (it then computes its own).
         grouped = {n for _, ids in plan.groups.values() for n in ids}
-        items = {n: {"exp": r.experiment, "rep": mfplan.replicate_arg(r.replicate), "src": src_params(plan, [n])}
-                 for n, r in plan.runs.items() if n not in grouped}
+        items = {n: {"exp": r.experiment, "rep": mfplan.replicate_arg(r.replicate)} for n, r in plan.runs.items()
+                 if n not in grouped}
         after = plan.after
 
         # Every output is cached (none `cache: false`): an experiment's temp workspace and a fresh
@@ -93,9 +93,10 @@ def generate(params: dict, tiers: list[str] | None = None) -> dict:
                 deps = {"train": [d.store_manifest], "sample": [rd.ema], "fid": [*(rd.samples(k) for k in plan.nfe), ref[n]]}[stage]
                 log = layout.log(tier, stage, n)
                 stages[f"{stage}-{n}-{tier}"] = {
-                    "cmd": stage_cmd(stage, tier, item["exp"] + item["rep"], " --no-progress", bool(plan.runs[n].source), log),
+                    "cmd": stage_cmd(stage, tier, item["exp"] + item["rep"], " --no-progress",
+                                     bool(plan.runs[n].source_for(stage)), log),
                     "deps": [ok, *map(str, deps), *after(n, stage), *code[stage]],
-                    "params": ["defaults", f"tiers.{tier}", f"experiments.{item['exp']}", *item["src"]],
+                    "params": ["defaults", f"tiers.{tier}", f"experiments.{item['exp']}", *src_params(plan, [n], stage)],
                     "outs": [*map(str, plan.outputs(n, stage)), str(log)]}
         # train.group_replicas: a row's replicas in one stage, as rules/replicas.smk
         for first, (exp, ids) in plan.groups.items():
@@ -103,7 +104,7 @@ def generate(params: dict, tiers: list[str] | None = None) -> dict:
             stages[f"replicas-{first}-{tier}"] = {
                 "cmd": stage_cmd("replicas", tier, exp, " --no-progress", log=log),
                 "deps": [ok, str(d.store_manifest), *sorted({str(ref[i]) for i in ids}), *after(ids, ("train", "sample", "fid")), *code["replicas"]],
-                "params": ["defaults", f"tiers.{tier}", f"experiments.{exp}", *src_params(plan, ids)],
+                "params": ["defaults", f"tiers.{tier}", f"experiments.{exp}", *src_params(plan, ids, "replicas")],
                 "outs": [*(str(o) for n in ids for st in ("train", "sample", "fid") for o in plan.outputs(n, st)), str(log)]}
         stages[f"tables-{tier}"] = {
             "cmd": stage_cmd("tables", tier, log=layout.log(tier, "tables")),

@@ -49,7 +49,8 @@ def build(params: dict, tier: str, util: float | None, peak: float, gpus: int) -
            f"The default is the paper's own MF-B/4 step (0.052 s/iter at batch 256 in JAX on a TPU v4-8, "
            f"4 x 275 TFLOP/s) by this count: {b4 / 1e9:.1f} GFLOP/example -> {ref_util:.0%}. Larger models "
            f"usually reach more, so Table 2 is an upper bound; `bench/gpu_check.py` measures ours "
-           f"(rerun with `--util`).",
+           f"(rerun with `--util`). This is `train.precision: bf16` (the default); `tf32` and `fp32` run on "
+           f"the H100's 494 TFLOP/s TF32 and 67 TFLOP/s fp32 peaks instead (about 2x and 15x the hours).",
            f"- Each run also samples {base.sample.n} images per NFE in {list(base.sample.nfe)} (VAE decode "
            f"{dec / 1e9:.0f} GFLOP/image) and scores each set with Inception-v3 ({inc / 1e9:.1f} GFLOP/image).",
            f"- Encoding ImageNet once ({costs.IMAGENET_TRAIN:,} images{' and their flips' if base.data.flip else ''}, "

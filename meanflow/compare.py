@@ -230,8 +230,14 @@ def _seeds(r) -> list[float]:
 
 
 def _run_hash(rs: ResultSet, tier: str, row) -> list:
+    """The row's runs as (run id, the params hashes of that run id's train manifests): the CSV names
+    run ids, run directories are named by row, so manifests are found by the run id they record."""
     runs = [x for x in (row or {}).get(tables.RUN, "").split(tables.SEP) if x]
-    return [(rs.manifests.get(f"runs/{tier}/{x}/train_manifest.json") or {}).get("params_hash") for x in runs]
+    by_id: dict = {}
+    for rel, m in rs.manifests.items():
+        if rel.startswith(f"runs/{tier}/") and rel.endswith("/train_manifest.json") and isinstance(m, dict):
+            by_id.setdefault(m.get("run_id"), set()).add(m.get("params_hash"))
+    return [(x, sorted(by_id.get(x, ()), key=str)) for x in runs]
 
 
 def _metric_names(*sets: ResultSet) -> dict:

@@ -155,6 +155,20 @@ def test_different_params_are_flagged(tmp_path):
     assert "train.lr | 0.001 | 0.002" in text
 
 
+def test_params_found_by_run_id_in_row_named_directories(tmp_path):
+    """The pipeline names run directories by row (runs/<tier>/<row>) and the CSV by run id: a row's
+    train manifests are found by the run id they record, so changed params are still flagged."""
+    sets = {}
+    for name, h in (("a", "abc123"), ("b", "abc123"), ("c", "zzz999")):
+        rs = make_set(tmp_path / name, {("MF-B/4", 1): [6.1, 6.2, 6.0]}, params_hash=h)
+        for i in range(3):   # dit-<i> -> the row's directories, as layout.run_name names them
+            (rs / "runs" / "tiny" / f"dit-{i}").rename(rs / "runs" / "tiny" / ("MF-B_4" + (f"-seed{i}" if i else "")))
+        sets[name] = compare.load(rs)
+    assert compare.compare(sets["a"], sets["b"]).rows_bad == 0
+    rep = compare.compare(sets["a"], sets["c"])
+    assert rep.rows_bad == 1 and "PARAMS DIFFER" in rep.text
+
+
 def test_export_bundle_roundtrip(tmp_path):
     a = make_set(tmp_path / "a", {("MF-B/4", 1): 6.10})
     (a / "results" / "tiny" / "logs").mkdir()

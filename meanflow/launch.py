@@ -1,6 +1,7 @@
 """How a stage process is started for a job's resources (Snakemake rules and docs/scale.md):
 plain python without GPUs, torchrun with one worker per GPU on one node, and across nodes one
-torchrun per node through srun with a c10d rendezvous on the allocation's first node. And the
+torchrun per node through srun with a c10d rendezvous on the allocation's first node (one worker
+per GPU, or one CPU worker per node without GPUs). And the
 torchrun environment a started process reads (torchrun_env), checked before any work."""
 import os
 from typing import NamedTuple
@@ -41,13 +42,23 @@ def torchrun_env(error: type[Exception] = ValueError) -> TorchrunEnv:
 
 def command(gpu: int = 0, nodes: int = 1, gpus_per_node: int = 0) -> str:
     """The launcher prefix of `... -m stages.<stage>`. `gpu` is the job's GPU count on one node;
-    several nodes take `gpus_per_node` (SLURM's --gpus-per-node) instead."""
+    several nodes take `gpus_per_node` (SLURM's --gpus-per-node) instead: that many torchrun workers
+    per node, or with gpus_per_node = 0 one CPU worker per node (gloo; distributed.py).
+
+    Across nodes srun starts one torchrun per node: the job needs one task per node and must run
+    this line in its batch step, not inside a step of its own. Under Snakemake's SLURM executor that
+    is `--set-resources train:nodes=N train:tasks=N train:mpi=srun` (docs/scale.md): `mpi` makes the
+    job step executor run the rule's command as is instead of inside `srun -n1`, whose step holds
+    the first node's CPUs and hands nested sruns a one-node SLURM_JOB_NODELIST."""
     gpu, nodes, gpus_per_node = int(gpu or 0), int(nodes or 1), int(gpus_per_node or 0)
     if nodes > 1:
-        if gpus_per_node < 1:
-            raise ValueError(f"nodes={nodes} needs gpus_per_node >= 1 (the torchrun workers per node)")
-        head = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
-        return (f"srun --ntasks={nodes} --ntasks-per-node=1 torchrun --nnodes={nodes} --nproc-per-node={gpus_per_node}"
+        if gpus_per_node < 0:
+            raise ValueError(f"nodes={nodes}: gpus_per_node = {gpus_per_node} (the torchrun workers per node; "
+                             "0: one CPU worker per node)")
+        # the job's first node; SLURM_JOB_NODELIST is unset under Snakemake's job step executor
+        head = '$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(squeue -h -o %N -j "$SLURM_JOB_ID")}" | head -n1)'
+        return (f"srun --ntasks={nodes} --ntasks-per-node=1 torchrun --nnodes={nodes}"
+                f" --nproc-per-node={max(gpus_per_node, 1)}"
                 f" --rdzv-backend=c10d --rdzv-endpoint={head}:29500 --rdzv-id=$SLURM_JOB_ID")
     n = max(gpu, gpus_per_node)
     return f"torchrun --standalone --nproc-per-node={n}" if n >= 1 else "python"

@@ -36,6 +36,20 @@ def unavailable() -> str | None:
     return None
 
 
+def stop(p: subprocess.Popen, grace: float = 15) -> None:
+    """A daemon started in its own process group: SIGTERM to the group, SIGKILL after `grace` s."""
+    if p.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGTERM)
+    try:
+        p.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+
+
 def _ip(*args, check=True):
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
 
@@ -83,15 +97,7 @@ class Network:
     def close(self) -> None:
         """Stop what this network started and remove its namespaces, bridge and hosts lines (idempotent)."""
         for p in reversed(self.procs):
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(timeout=10)
+            stop(p)
         self.procs.clear()
         listed = _ip("netns", "list", check=False).stdout.split()
         for ns in [x for x in listed if x.startswith(f"{self.prefix}-")]:

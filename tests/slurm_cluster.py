@@ -1,4 +1,5 @@
-"""A real single-node SLURM cluster with accounting, started on localhost for a test.
+"""A real SLURM cluster with accounting, started on this machine for a test: one node on localhost,
+or (nodes=2) two nodes, each in its own network namespace with its own address and hostname.
 
 `cluster(tmp)` (a context manager) installs the Debian packages if missing (root + apt only; see
 .ci/slurm-setup), then starts, all under `tmp` and on free localhost ports:
@@ -7,9 +8,15 @@
   munged (its own key and socket)       -> slurmctld (accounting_storage/slurmdbd) -> slurmd
   the cluster, an account and the user registered with sacctmgr, so that sacct answers.
 
+With `cluster(tmp, nodes=2)` the two nodes are `mfnode1` (10.231.0.11: slurmctld and a slurmd) and
+`mfnode2` (10.231.0.12: a slurmd), network namespaces on a bridge (tests/netns.py, prefix "mfc",
+subnet 231); MariaDB and slurmdbd stay in this namespace and listen on the bridge's host address
+10.231.0.1 too; munged's unix socket is shared by the filesystem. Client commands here reach
+slurmctld over the bridge.
+
 It yields a `Cluster` whose `.env` (SLURM_CONF and PATH) lets sbatch/squeue/sacct/snakemake talk
 to it, and stops every daemon it started at the end. `unavailable()` says why a cluster cannot be
-had here (None when it can)."""
+had here (None when it can; `unavailable(nodes=2)` also needs network namespaces)."""
 from __future__ import annotations
 
 import contextlib
@@ -17,11 +24,12 @@ import dataclasses
 import getpass
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+import netns
 
 ROOT = Path(__file__).resolve().parent.parent
 SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
@@ -32,6 +40,8 @@ ACCOUNT = "mfacct"
 PARTITION = "debug"
 SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
+NET = dict(prefix="mfc", subnet=231)   # the multi-node cluster's namespaces (tests/netns.py)
+NODE_NAMES = ("mfnode1", "mfnode2")
 
 
 class SlurmUnavailable(RuntimeError):
@@ -59,13 +69,15 @@ def ensure_installed() -> None:
                                + (r.stdout + r.stderr)[-2000:])
 
 
-def unavailable() -> str | None:
+def unavailable(nodes: int = 1) -> str | None:
+    if os.geteuid() != 0:
+        return "slurmd must run as root to launch jobs; not root here"
     try:
         ensure_installed()
     except SlurmUnavailable as e:
         return str(e)
-    if os.geteuid() != 0:
-        return "slurmd must run as root to launch jobs; not root here"
+    if nodes > 1:
+        return netns.unavailable() or (None if shutil.which("nsenter") else "`nsenter` is missing (util-linux)")
     return None
 
 
@@ -89,6 +101,8 @@ class Cluster:
     env: dict
     procs: list = dataclasses.field(default_factory=list)
     logs: dict = dataclasses.field(default_factory=dict)
+    nodes: list = dataclasses.field(default_factory=lambda: ["localhost"])
+    net: netns.Network | None = None   # the nodes' namespaces (nodes > 1)
 
     def run(self, *cmd, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:
         r = subprocess.run([which(cmd[0]) or cmd[0], *cmd[1:]], env=self.env, capture_output=True, text=True,
@@ -118,9 +132,13 @@ def _wait(pred, what: str, cl: Cluster, timeout: float = 60.0, every: float = 0.
     raise SlurmUnavailable(f"timed out waiting for {what}\n{cl.tail_logs()}")
 
 
-def _start(cl: Cluster, name: str, cmd: list[str]):
+def _start(cl: Cluster, name: str, cmd: list[str], node: str | None = None):
+    """A daemon, in its own process group; on `node`'s namespace (and hostname) when given."""
     log = cl.root / "log" / f"{name}.out"
     f = open(log, "wb")
+    if node is not None:   # nsenter, not `ip netns exec`: that remounts /sys, and slurmd needs /sys/fs/cgroup
+        cmd = ["nsenter", f"--net=/run/netns/{cl.net.ns(node)}", "unshare", "--uts", "sh", "-c",
+               f'hostname {node} && exec "$@"', "sh", *cmd]
     p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=cl.env, start_new_session=True)
     cl.procs.append((name, p))
     cl.logs.setdefault(name + ".out", log)
@@ -129,22 +147,22 @@ def _start(cl: Cluster, name: str, cmd: list[str]):
 
 def _stop(cl: Cluster):
     for name, p in reversed(cl.procs):  # started last, stopped first
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
+        netns.stop(p, grace=20)
 
 
 def _write_configs(cl: Cluster, ports: dict, user: str) -> None:
-    r = cl.root
+    r, net = cl.root, cl.net
+    # one node: everything on localhost; several: slurmctld on the first node's address, slurmdbd
+    # on the bridge's host address (this namespace), each node at its namespace's address
+    dbd_addr = net.host_ip if net else "127.0.0.1"
+    ctld = f"{cl.nodes[0]}({net.ip[cl.nodes[0]]})" if net else "localhost(127.0.0.1)"
+    cpus = os.cpu_count() or 1
+    mem = max(512, int(mem_mb() * 0.8) // len(cl.nodes))
+    node_lines = "\n".join(f"NodeName={n} NodeAddr={net.ip[n] if net else '127.0.0.1'} CPUs={cpus} RealMemory={mem} "
+                           "State=UNKNOWN" for n in cl.nodes)
     auth = "AuthType=auth/munge\n"  # the default socket: not every client honours AuthInfo=socket=
     (r / "etc" / "slurmdbd.conf").write_text(f"""{auth}DbdHost=localhost
-DbdAddr=127.0.0.1
+DbdAddr={dbd_addr}
 DbdPort={ports['dbd']}
 SlurmUser={user}
 LogFile={r}/log/slurmdbd.log
@@ -158,7 +176,7 @@ StorageLoc=slurm_acct_db
 """)
     os.chmod(r / "etc" / "slurmdbd.conf", 0o600)
     cl.conf.write_text(f"""ClusterName={CLUSTER}
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost={ctld}
 SlurmctldPort={ports['ctld']}
 SlurmdPort={ports['slurmd']}
 SlurmUser={user}
@@ -177,7 +195,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+AccountingStorageHost={dbd_addr}
 AccountingStoragePort={ports['dbd']}
 JobCompType=jobcomp/none
 MpiDefault=none
@@ -190,17 +208,20 @@ KillWait=5
 Waittime=0
 SlurmctldDebug=info
 SlurmdDebug=info
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} RealMemory={max(512, int(mem_mb() * 0.8))} State=UNKNOWN
-PartitionName={PARTITION} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{node_lines}
+PartitionName={PARTITION} Nodes={",".join(cl.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
 
 
 @contextlib.contextmanager
-def cluster(tmp: str | Path):
-    """Start the cluster under `tmp` (keep the path short: unix socket paths are limited to 107 bytes)."""
-    ensure_installed()
-    if os.geteuid() != 0:
-        raise SlurmUnavailable("slurmd must run as root to launch jobs; not root here")
+def cluster(tmp: str | Path, nodes: int = 1):
+    """Start the cluster under `tmp` (keep the path short: unix socket paths are limited to 107 bytes)
+    with 1 node (localhost) or 2 (network namespaces mfnode1, mfnode2)."""
+    if nodes not in (1, len(NODE_NAMES)):
+        raise ValueError(f"nodes={nodes}: 1 or {len(NODE_NAMES)}")
+    why = unavailable(nodes)
+    if why:
+        raise SlurmUnavailable(why)
     root = Path(tmp)
     for d in ("etc", "log", "run", "state", "spool", "munge", "db"):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -211,11 +232,17 @@ def cluster(tmp: str | Path):
     for k in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
         env.pop(k)  # a surrounding allocation must not leak into the test's cluster
     cl = Cluster(root=root, conf=root / "etc" / "slurm.conf", env=env)
+    if nodes > 1:
+        cl.nodes = list(NODE_NAMES)
+        cl.net = netns.Network(NET["prefix"], cl.nodes, NET["subnet"])
     cl.logs.update({"slurmdbd": root / "log/slurmdbd.log", "slurmctld": root / "log/slurmctld.log",
-                    "slurmd": root / "log/slurmd.log", "mariadb": root / "log/mariadb.err"})
+                    "mariadb": root / "log/mariadb.err"})
+    cl.logs.update({f"slurmd {n}": root / f"log/slurmd-{n}.log" for n in cl.nodes})
     linked = False
     ports = {k: free_port() for k in ("mysql", "dbd", "ctld", "slurmd")}
     try:
+        if cl.net:
+            cl.net.__enter__()
         # ---- munge: own key and socket
         # Clients (sacctmgr in 22.05) ignore AuthInfo=socket=, so munged listens on the default socket;
         # one already answering there (a system munged) is used as is. Key and logs stay under tmp.
@@ -280,15 +307,23 @@ def cluster(tmp: str | Path):
         elif SYSTEM_CONF.resolve() != cl.conf.resolve():
             raise SlurmUnavailable(f"{SYSTEM_CONF} exists (another SLURM setup); jobs would not find this cluster")
         # ---- slurmctld + slurmd
-        _start(cl, "slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(cl.conf)])
+        head = cl.nodes[0] if cl.net else None
+        _start(cl, "slurmctld", [which("slurmctld"), "-D", "-i", "-f", str(cl.conf)], head)
         _wait(lambda: cl.run("scontrol", "ping", check=False, timeout=10).stdout.count("UP") >= 1,
               "slurmctld", cl, 60, 1.0)
-        _start(cl, "slurmd", [which("slurmd"), "-D", "-N", "localhost", "-f", str(cl.conf)])
-        _wait(lambda: cl.run("sinfo", "-h", "-o", "%T", check=False, timeout=10).stdout.strip() in ("idle", "mixed"),
-              "slurmd to register the node idle", cl, 90, 1.0)
+        for n in cl.nodes:
+            _start(cl, f"slurmd-{n}", [which("slurmd"), "-D", "-N", n, "-f", str(cl.conf),
+                                       "-L", str(root / f"log/slurmd-{n}.log")], n if cl.net else None)
+
+        def all_idle():
+            states = cl.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=10).stdout.split()
+            return len(states) == len(cl.nodes) and all(s in ("idle", "mixed") for s in states)
+        _wait(all_idle, f"slurmd to register the node{'s' if nodes > 1 else ''} idle", cl, 90, 1.0)
         yield cl
     finally:
         _stop(cl)
+        if cl.net:
+            cl.net.close()   # also anything a job left inside the namespaces
         if linked and SYSTEM_CONF.is_symlink():
             SYSTEM_CONF.unlink()
 
@@ -296,10 +331,12 @@ def cluster(tmp: str | Path):
 if __name__ == "__main__":  # manual check: python tests/slurm_cluster.py
     import sys
     import tempfile
-    with tempfile.TemporaryDirectory(prefix="slurm", dir="/tmp") as d, cluster(d) as c:
+    n = 2 if "-2" in sys.argv else 1
+    with tempfile.TemporaryDirectory(prefix="slurm", dir="/tmp") as d, cluster(d, nodes=n) as c:
         print(c.run("sinfo").stdout)
-        j = c.run("sbatch", "--parsable", "--wrap", "hostname", "-o", f"{d}/job.out").stdout.strip()
+        j = c.run("sbatch", "--parsable", f"--nodes={n}", "--wrap", "srun hostname", "-o", f"{d}/job.out").stdout.strip()
         _wait(lambda: "COMPLETED" in c.run("sacct", "-nXP", "-j", j, "-o", "State").stdout, "job", c, 60)
-        print("job", j, c.run("sacct", "-XP", "-j", j, "-o", "JobID,State,ExitCode").stdout)
+        print("job", j, c.run("sacct", "-XP", "-j", j, "-o", "JobID,State,ExitCode,NodeList").stdout)
+        print(Path(f"{d}/job.out").read_text())
         if "-i" in sys.argv:
             input("cluster up; SLURM_CONF=" + str(c.conf) + " ; enter to stop")

@@ -229,14 +229,19 @@ def _seeds(r) -> list[float]:
     return [v for v in vals if v is not None]
 
 
-def _run_hash(rs: ResultSet, tier: str, row) -> list:
-    """The row's runs as (run id, the params hashes of that run id's train manifests): the CSV names
-    run ids, run directories are named by row, so manifests are found by the run id they record."""
-    runs = [x for x in (row or {}).get(tables.RUN, "").split(tables.SEP) if x]
+def _params_by_run(rs: ResultSet, tier: str) -> dict:
+    """run id -> the params hashes of its train manifests on `tier`: the CSV names run ids, run
+    directories are named by row, so manifests are found by the run id they record."""
     by_id: dict = {}
     for rel, m in rs.manifests.items():
         if rel.startswith(f"runs/{tier}/") and rel.endswith("/train_manifest.json") and isinstance(m, dict):
             by_id.setdefault(m.get("run_id"), set()).add(m.get("params_hash"))
+    return by_id
+
+
+def _run_hash(by_id: dict, row) -> list:
+    """The row's runs as (run id, its params hashes) (by_id: _params_by_run)."""
+    runs = [x for x in (row or {}).get(tables.RUN, "").split(tables.SEP) if x]
     return [(x, sorted(by_id.get(x, ()), key=str)) for x in runs]
 
 
@@ -273,6 +278,7 @@ def compare(a: ResultSet, b: ResultSet, tol: float | None = None) -> Report:
     any_params = False
     lines += ["## Metric by table (table order)", ""]
     for tier in tiers:
+        runs_a, runs_b = _params_by_run(a, tier), _params_by_run(b, tier)
         keys = list(dict.fromkeys([k for k in a.rows if k[0] == tier] + [k for k in b.rows if k[0] == tier]))
         lines += [f"### {tier}", "", "| table | row | NFE | paper | A mean ± std (n) | B mean ± std (n) | B - A | p | verdict |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -288,7 +294,7 @@ def compare(a: ResultSet, b: ResultSet, tol: float | None = None) -> Report:
                 verdict = "MISSING in " + ("A" if ra is None else "B")
             elif qa and qb and qa != qb:   # labels or reference statistics differ: FIDs on two scales
                 verdict = f"NOT COMPARABLE: FID protocols differ (A: {qa}; B: {qb})"
-            elif _run_hash(a, tier, ra) != _run_hash(b, tier, rb):
+            elif _run_hash(runs_a, ra) != _run_hash(runs_b, rb):
                 verdict, any_params = "PARAMS DIFFER", True
             elif not sa["n"] or not sb["n"]:
                 verdict = "NO VALUE"

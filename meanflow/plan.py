@@ -23,6 +23,8 @@ from pathlib import Path
 
 from meanflow import config, launch, layout
 
+STAGES = ("train", "sample", "fid")   # a run's stages, each of which may copy an earlier row's (meanflow.reuse)
+
 
 @dataclass(frozen=True)
 class Row:
@@ -182,6 +184,10 @@ class Plan:
         full = self.base if experiment is None else config.resolve(self.params, self.tier, experiment, self.where)
         return [replica(full, i) for i in range(replicates(full))]
 
+    def sources_of(self, cfg: config.Config) -> dict:
+        """Stage -> source_of(cfg, stage) for each stage meanflow.reuse copies (STAGES)."""
+        return {st: self.source_of(cfg, st) for st in STAGES}
+
     def source_of(self, cfg: config.Config, stage: str = "train") -> config.Config | None:
         """The config of the run whose `stage` outputs cfg's run copies (meanflow.reuse; Run.source_for):
         None when there is none, cfg's run is not a run of the tier's tables, or was changed since
@@ -202,7 +208,7 @@ class Plan:
         return {"train": [p.ema, p.train_manifest, p.dvclive], "sample": [p.samples(k) for k in self.nfe],
                 "fid": [p.metrics(k) for k in self.nfe]}[stage]
 
-    def after(self, runs: str | list[str], stages=("train", "sample", "fid")) -> list[str]:
+    def after(self, runs: str | list[str], stages=STAGES) -> list[str]:
         """What the jobs of `runs` wait for: their sources' outputs of `stages` (meanflow.reuse copies
         them), none for runs without a source."""
         sts = [stages] if isinstance(stages, str) else stages

@@ -18,11 +18,11 @@ import shutil
 from pathlib import Path
 
 from . import layout, manifest
+from .plan import STAGES
 from .shards import MANIFEST as SAMPLES_MANIFEST
 from .training.records import set_aside, trained
 
 log = logging.getLogger(__name__)
-STAGES = ("train", "sample", "fid")
 
 
 def _read(path: Path) -> dict | None:
@@ -63,13 +63,12 @@ def _restamp(path: Path, cfg, src: Path, **fields) -> None:
     manifest.write_json(path, m)
 
 
-def adopt(cfg, sources, stages=STAGES) -> set[str]:
-    """Copy what cfg's source runs (stage -> the plan's Plan.source_of(cfg, stage): a Config, or
-    None; one Config: the source of every stage) have finished of `stages` into cfg's run directory
-    (in stage order; each only when the previous one is in place); the stages adopted. A train
-    source of the same run id but another params hash (another sample or fid setting) gives only
-    its training: the manifest copied says this run's params hash and config."""
-    sources = sources if isinstance(sources, dict) else dict.fromkeys(STAGES, sources)
+def adopt(cfg, sources: dict, stages=STAGES) -> set[str]:
+    """Copy what cfg's source runs (Plan.sources_of(cfg): stage -> a Config, or None) have finished
+    of `stages` into cfg's run directory (in stage order; each only when the previous one is in
+    place); the stages adopted. A train source of the same run id but another params hash (another
+    sample or fid setting) gives only its training: the manifest copied says this run's params
+    hash and config."""
     if not any(sources.get(s) for s in stages):
         return set()
     dst, done, copied = layout.run(cfg), set(), []

@@ -77,11 +77,6 @@ class Job:
         return [c for c, s in zip(self.cfgs, self.sources) if reuse.adopt(c, s, stages) != set(stages)]
 
 
-def reuse_stages() -> tuple:
-    from meanflow.reuse import STAGES
-    return STAGES
-
-
 THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")   # what Snakemake sets for a job's threads
 
 
@@ -120,7 +115,7 @@ def job(p: argparse.ArgumentParser, args, where: str = "", replicas: bool = Fals
         if any(over.values()):
             cfgs = [_override(c, over, f"{args.params} with {where}") for c in cfgs]
         use_threads(getattr(cfgs[0], threads).threads)
-        return Job(cfgs, [{st: pl.source_of(c, st) for st in reuse_stages()} for c in cfgs])
+        return Job(cfgs, [pl.sources_of(c) for c in cfgs])
 
 
 def _override(cfg: config.Config, over: dict, where: str) -> config.Config:

@@ -89,8 +89,6 @@ def extract(fe, arrays, batch: int, device, bar=None, rows: list | None = None):
 
 # --------------------------------------------------------------------------- the protocol
 IMAGES = "uint8 = clip(round((x + 1) * 127.5), 0, 255)"   # generate.to_uint8: the ADM, MeanFlow and iMF evaluations'
-REFERENCES = {"adm": "ADM reference batch", "compute": "training-set statistics (own Inception pass)",
-              "npz": "user npz", "digits": "training-set digits features"}
 
 
 def protocol(labels: str | None, reference: str, ref_sha256: str) -> dict:
@@ -109,6 +107,7 @@ class Space:
     def __init__(self, cfg, inception_weights: str | None = None, device="cpu"):
         from ..data.fetch import DataError
         self.kind = cfg.sample.features
+        self.reference, ref_path = layout.reference(cfg)   # the kind (adm | compute | npz | digits), its file
         if self.kind == "digits":
             w = layout.data(cfg).feature_net
             if not w.is_file():
@@ -126,7 +125,7 @@ class Space:
                 self.weights = reference.inception_weights(inception_weights or d.inception_weights)
             except DataError as e:
                 raise MetricError(str(e)) from None
-            kind, self.ref_path = layout.reference(cfg)
+            self.ref_path, kind = ref_path, self.reference
             if not self.ref_path.is_file():
                 make = ("set sample.reference_npz to an npz with mu and sigma" if kind == "npz" else
                         "run stages.refstats" + ("" if self.ref_path == layout.data(cfg).refstats else f" --source {kind}"))
@@ -150,7 +149,6 @@ class Space:
         self.ref_meta = {k: ref_meta.get(k) for k in ("source", "npz", "npz_sha256", "count", "split", "extractor",
                                                        "feature") if k in ref_meta}
         self.ref_sha256 = manifest.file_hash(self.ref_path)
-        self.reference = layout.reference(cfg)[0]
 
 
 # --------------------------------------------------------------------------- the stage

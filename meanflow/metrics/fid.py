@@ -205,7 +205,7 @@ def evaluate(cfg, nfe: int, allow_fewer: bool = False, inception_weights: str | 
     if not np.isfinite(value):   # never a NaN in metrics JSON (strict readers reject it; a table would show it)
         raise MetricError(f"{out}: {space.metric} against {space.ref_path} is {value}, not a finite number; "
                           "nothing written")
-    boot = uncertainty.bootstrap(np.concatenate(feats), space.mu, space.sigma, value)
+    boot = uncertainty.bootstrap(np.concatenate(feats), space.mu, space.sigma, value, device=device)   # float64
     isc = inception_score(logits)
     log.info("run %s nfe=%d: %s = %.4f over %d samples", cfg.run_id, nfe, space.metric, value, count)
     body = manifest.stamp(

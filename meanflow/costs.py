@@ -72,10 +72,9 @@ def train_example_flops(nf: NetFlops, mf, num_classes: int) -> float:
 def vae_flops(resolution: int = 256) -> tuple[float, float]:
     """(encode, decode) FLOPs per image of sd-vae-ft-mse's architecture (AutoencoderKL)."""
     from diffusers import AutoencoderKL
+    from .data.vae import SD_VAE
     with torch.device("meta"):
-        vae = AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                            block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
-                            sample_size=resolution)
+        vae = AutoencoderKL(**{**SD_VAE, "sample_size": resolution})
     x = torch.randn(1, 3, resolution, resolution, device="meta")
     lat = torch.randn(1, 4, resolution // 8, resolution // 8, device="meta")
     return _count(lambda: vae.encode(x)), _count(lambda: vae.decode(lat))
@@ -134,3 +133,109 @@ def reference_utilisation(b4_example_flops: float) -> float:
 
 def gpu_hours(flops: float, peak: float = H100_BF16_DENSE, utilisation: float = 0.4) -> float:
     return flops / (peak * utilisation) / 3600
+
+
+# --------------------------------------------------------------------------- memory
+# Per parameter, fp32: the weights, their gradients, Adam's two moments and the one EMA copy.
+WEIGHT, GRAD, ADAM, EMA_COPY = 4, 4, 8, 4
+GPU_RESERVE = 2 * 2**30   # per GPU beyond what is modelled: CUDA context, cuBLAS/cuDNN workspaces, fragmentation
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Training memory of one process: fixed state plus activations linear in the micro-batch.
+
+    The saved graph is what backward keeps alive; its size per example (rows that take the jvp,
+    rows with r = t) and its fixed part (bf16 autocast's weight copies) come from counting the
+    tensors autograd saves (`count_saved`). The jvp and the CFG target run without gradient
+    (meanflow.strategy split), so a jvp row saves what an r = t row saves. Peak of a step:
+      persistent gradients (the trainer's flat buffer when world > 1; accumulation):
+          state + fixed + b * activations
+      one process (gradients set to None at each step, freed before the forward):
+          state - grads + max(grads, fixed + b * activations)
+    as backward frees the graph while it writes the gradients. Not modelled: the process's own
+    memory (CUDA context, workspaces, fragmentation: GPU_RESERVE on a GPU)."""
+    params: int
+    fm_row: float          # bytes saved per example with r = t
+    jvp_row: float         # bytes saved per example with r < t (the jvp's rows)
+    ratio: float           # meanflow.ratio: the share of jvp rows
+    fixed: float = 0.0     # saved bytes independent of the batch (bf16 weight copies)
+
+    @property
+    def activations(self) -> float:
+        return self.ratio * self.jvp_row + (1 - self.ratio) * self.fm_row
+
+    @property
+    def state(self) -> float:
+        return self.params * (WEIGHT + GRAD + ADAM + EMA_COPY)
+
+    def peak(self, batch: int, persistent_grads: bool = True) -> float:
+        act = self.fixed + batch * self.activations
+        if persistent_grads:
+            return self.state + act
+        return self.state - self.params * GRAD + max(self.params * GRAD, act)
+
+    def largest_batch(self, capacity: float, persistent_grads: bool = True) -> int:
+        """The most examples whose step fits `capacity` bytes (0: not even one)."""
+        return max(int((capacity - self.peak(0, persistent_grads)) // self.activations), 0) if self.activations else 0
+
+
+def count_saved(net, objective, batch: int, shape: tuple, num_classes: int, jvp: bool, autocast_dtype=None) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one loss evaluation on a
+    random batch whose rows all take the jvp (r < t) or none do (r = t); parameters excluded (they
+    are state). On the net's device."""
+    params = {p.untyped_storage()._cdata for p in net.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s._cdata not in params:
+            seen[s._cdata] = s.nbytes()
+        return t.detach()   # not t: a saved output holding itself through its grad_fn would never be freed
+    dev = next(net.parameters()).device
+    g = torch.Generator(dev).manual_seed(0)
+    x = torch.randn(batch, *shape, generator=g, device=dev)
+    y = torch.randint(0, num_classes, (batch,), generator=g, device=dev) if num_classes else None
+    t = torch.full((batch,), 0.8, device=dev)
+    ac = torch.autocast(dev.type, autocast_dtype) if autocast_dtype else torch.autocast(dev.type, enabled=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda a: a), ac:
+        out = objective(net, x, y, generator=g, t=t, r=t * 0.4 if jvp else t,
+                        drop=torch.zeros(batch, dtype=torch.bool, device=dev))
+    del out
+    return sum(seen.values())
+
+
+def train_memory(cfg, net=None, autocast_dtype=None, device="cpu") -> Memory:
+    """The Memory of run `cfg` (resolved Config) on `net` (else one built on `device`): the saved
+    graph of r = t rows and of jvp rows counted at batches 1 and 2 (`autocast_dtype`: bf16 models a
+    GPU's train.precision bf16; the CPU's autocast casts the same matmuls and convolutions)."""
+    from .models import build_model
+    from .objective import build_objective
+    d = cfg.data
+    net = net if net is not None else build_model(cfg).to(device)
+    shape, obj = (d.channels, d.input_size, d.input_size), build_objective(cfg.meanflow, d.num_classes)
+
+    def rows(jvp: bool) -> tuple[float, float]:   # (per example, fixed)
+        s1, s2 = (count_saved(net, obj, b, shape, d.num_classes, jvp, autocast_dtype) for b in (1, 2))
+        return s2 - s1, max(2 * s1 - s2, 0)
+    (a0, fixed), ratio = rows(False), cfg.meanflow.ratio
+    return Memory(sum(p.numel() for p in net.parameters()), a0, rows(True)[0] if ratio else a0, ratio, fixed)
+
+
+def pick_accum(cfg, per_rank_batch: int, capacity_bytes: float, net=None, world: int = 1,
+               autocast_dtype=None, reserve: float = 0.0, memory: Memory | None = None) -> tuple[int, str]:
+    """train.accum auto: the fewest micro-batches N (N divides the rank's batch) whose micro-batch
+    fits `capacity_bytes` - `reserve` by the memory model; (N, why). When even one example does not
+    fit, N = the rank's batch and the reason says so (the run will likely fail: a larger GPU or
+    more of them)."""
+    mem = memory or train_memory(cfg, net, autocast_dtype)
+    persistent = world > 1   # DDP's flat gradient buffer; accumulation keeps gradients across micro-batches too
+    room = capacity_bytes - reserve
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    for n in (n for n in range(1, per_rank_batch + 1) if per_rank_batch % n == 0):
+        need = mem.peak(per_rank_batch // n, persistent or n > 1)
+        if need <= room:
+            return n, (f"predicted peak {gib(need)} of {gib(room)} available (state {gib(mem.state)}, "
+                       f"{mem.activations / 2**20:.0f} MiB per example)")
+    need = mem.peak(1, True)
+    return per_rank_batch, f"does not fit: one example needs {gib(need)}, {gib(room)} available"

@@ -1,13 +1,15 @@
 """Where and how tensors are computed, chosen in one place: the device (from a config key and
-what is present, the torchrun LOCAL_RANK GPU under torchrun), the training precision
-(train.precision: autocast and TF32 flags), and the seeds: every random draw comes from a
-generator seeded by `seed_of` over explicit parts (run seed, purpose, step, index), never from a
+what is present, the torchrun LOCAL_RANK GPU under torchrun) and its free memory, the training
+precision (train.precision: autocast and TF32 flags), and the seeds: every random draw comes from
+a generator seeded by `seed_of` over explicit parts (run seed, purpose, step, index), never from a
 stream carried across steps or processes."""
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -28,6 +30,37 @@ def device(name: str | None = "auto", key: str = "device", error: type[Exception
         dev = torch.device("cuda", torchrun_env(error).local_rank)
         torch.cuda.set_device(dev)
     return dev
+
+
+def device_memory(dev) -> int:
+    """Bytes a training run on `dev` can still use (train.accum = auto sizes its micro-batches to
+    them, meanflow.costs.pick_accum): CUDA, the device's free memory plus what torch's caching
+    allocator holds unused; CPU, /proc/meminfo's MemAvailable (else the free physical pages), or
+    less when the process's cgroup (v2) has a memory limit, e.g. SLURM's --mem."""
+    dev = torch.device(dev)
+    if dev.type == "cuda":
+        free = torch.cuda.mem_get_info(dev)[0]
+        return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        pass
+    try:   # cgroup v2 ("0::<path>"), else v1's memory controller ("N:memory:<path>")
+        with open("/proc/self/cgroup") as f:
+            lines = [line.strip().split(":", 2) for line in f]
+        for ctl, root, files in (("", "/sys/fs/cgroup", ("memory.max", "memory.current")),
+                                 ("memory", "/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes"))):
+            path = next((p for _, c, p in lines if c == ctl), None)
+            if path is not None and os.path.exists(f"{root}{path}/{files[0]}"):
+                limit, used = (Path(f"{root}{path}/{name}").read_text().strip() for name in files)
+                if limit != "max" and int(limit) < 2**60:   # v1's "no limit" is a huge number
+                    avail = min(avail, int(limit) - int(used))
+                break
+    except (OSError, ValueError):
+        pass
+    return avail
 
 
 def precision_plan(dev: torch.device, precision: str = "bf16") -> tuple[torch.dtype | None, bool | None]:

@@ -108,6 +108,7 @@ class TrainConfig:
 
     steps: int
     batch: int
+    accum: int | str
     lr: float
     betas: tuple[float, float]
     weight_decay: float

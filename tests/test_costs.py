@@ -72,10 +72,55 @@ def test_plan_document(params, tmp_path):
     gp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gp)
     small = {**params, "tables": {**params["tables"], "tiers": {"imagenet": ["1a"]}}}
-    text = gp.build(small, "imagenet", util=0.5, peak=1e15, gpus=8)
+    text = gp.build(small, "imagenet", util=0.5, peak=1e15, gpus=8, gpu_bytes=80e9)
     assert "| 1a | 4 |" in text and "at 50% model-FLOP utilisation" in text
+    # memory: MF-B/4 at 256 / 8 = 32 examples per GPU, as the model predicts it
+    cfg = imagenet(params, "ratio_0")
+    mem = costs.train_memory(cfg, autocast_dtype=torch.bfloat16)
+    row = text.split("## Memory per GPU")[1].split(f"| {cfg.run_id} | ratio_0 | 131.2 |")[1].splitlines()[0]
+    need = (mem.peak(32) + costs.GPU_RESERVE) / 2**30
+    assert f"| 32 | {need:.1f} | yes |" in row and row.endswith(f"| 1 | {131.2e6 * 16 / 1e9:.2f} | 3 | {131.2e6 * 52 / 1e9:.1f} |")
     # ratio 0 (Flow Matching) costs F + B per example, 400K steps x 256
     nf, _ = costs.backbone_flops(imagenet(params, "ratio_0"))
     fm_hours = costs.gpu_hours(400_000 * 256 * (nf.forward + nf.backward), 1e15, 0.5)
     fm_row = next(line for line in text.splitlines() if "| ratio_0 |" in line)
     assert f"| {fm_hours:,.1f} |" in fm_row
+
+
+# --------------------------------------------------------------------------- memory
+def tiny_dit(**meanflow):
+    return config.build({"data": {"channels": 4, "input_size": 8, "num_classes": 10},
+                         "model": {"name": "custom", "depth": 2, "hidden": 64, "heads": 4, "patch": 2},
+                         "meanflow": {"ratio": 0.5, **meanflow}})
+
+
+def test_saved_graph_is_linear_in_the_batch_and_the_jvp_saves_only_when_joint():
+    cfg = tiny_dit()
+    torch.manual_seed(0)
+    net = build_model(cfg)
+    from meanflow.objective import build_objective
+    obj = build_objective(cfg.meanflow, 10)
+    count = lambda b, jvp, o=obj: costs.count_saved(net, o, b, (4, 8, 8), 10, jvp)  # noqa: E731
+    assert count(4, False) == 2 * count(2, False) and count(2, False) > 0   # fp32: no fixed part
+    assert count(2, True) == count(2, False)        # split: the jvp runs without a graph
+    joint = build_objective(tiny_dit(strategy="joint", jvp_api="forward_ad").meanflow, 10)
+    assert count(2, True, joint) > 1.5 * count(2, False, joint)   # joint: the dual forward's graph too
+    mem = costs.train_memory(cfg, net)
+    assert mem.fm_row == mem.jvp_row == count(2, False) / 2 and mem.fixed == 0
+    bf16 = costs.train_memory(cfg, net, autocast_dtype=torch.bfloat16)
+    assert bf16.fixed > 0 and bf16.activations < mem.activations   # bf16 weight copies; half-size saved inputs
+
+
+def test_peak_and_accumulation_pick():
+    mem = costs.Memory(params=10**9, fm_row=1e8, jvp_row=2e8, ratio=0.5)        # 1.5e8 bytes per example
+    assert mem.state == 20e9 and mem.activations == 1.5e8
+    assert mem.peak(64) == 20e9 + 64 * 1.5e8
+    assert mem.peak(10, persistent_grads=False) == 20e9                    # the freed gradients hold 10 examples
+    assert mem.peak(64, persistent_grads=False) == 16e9 + 64 * 1.5e8
+    assert mem.largest_batch(20e9 + 100 * 1.5e8 + 1) == 100
+    cap = 20e9 + 64 * 1.5e8
+    n, why = costs.pick_accum(None, 256, cap, world=8, memory=mem)
+    assert n == 4 and "predicted peak" in why                              # 256 / 4 = 64 examples fit exactly
+    assert costs.pick_accum(None, 256, cap + 1e12, world=8, memory=mem)[0] == 1
+    n, why = costs.pick_accum(None, 256, 19e9, world=8, memory=mem)
+    assert n == 256 and why.startswith("does not fit")

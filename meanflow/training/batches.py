@@ -95,3 +95,34 @@ def load_batch(store, sampler, objective, step: int, batch: int, rank: int, worl
     return Batch(torch.cat(xs), torch.cat(ys) if conditional else None, e[lo:hi],
                 t[order][lo:hi], r[order][lo:hi], drop[order][lo:hi],
                 cond and {k: a[order][lo:hi] for k, a in cond.items()}, torch.cat(augs) if augs else None)
+
+
+def union_rows(t: torch.Tensor, r: torch.Tensor, R: int) -> torch.Tensor:
+    """Stacked replicas' tangent rows (the objective's `jvp_rows`) of a replica-major batch: in every
+    replica, the positions where any replica has r != t (vmap cannot take a per-replica shape)."""
+    n = len(t) // R
+    pos = (t != r).view(R, n).any(0).nonzero().squeeze(1)
+    return (torch.arange(R, device=t.device)[:, None] * n + pos).flatten()
+
+
+def micro_batches(x, y, draws: dict, n: int) -> list[tuple]:
+    """A rank's batch (x, y, draws) as n contiguous micro-batches (train.accum), each with its rows of
+    every draw: views for a plain batch; stacked replicas (draws' groups = R, replica-major) split
+    every replica's block alike, and each micro-batch gets its own jvp_rows."""
+    R = draws.get("groups", 1)
+    if x.shape[0] % (R * n):
+        raise ValueError(f"a batch of {x.shape[0]} rows ({R} replicas) does not split into {n} equal micro-batches")
+    m = x.shape[0] // (R * n)
+    out = []
+    for j in range(n):
+        if R == 1:
+            take = lambda a, s=slice(j * m, (j + 1) * m): a[s]
+        else:
+            rows = torch.arange(j * m, (j + 1) * m, device=x.device)
+            idx = (torch.arange(R, device=x.device)[:, None] * (m * n) + rows).flatten()
+            take = lambda a, i=idx: a[i]
+        d = {k: take(v) if torch.is_tensor(v) and k != "jvp_rows" else v for k, v in draws.items()}
+        if "jvp_rows" in draws:
+            d["jvp_rows"] = union_rows(d["t"], d["r"], R)
+        out.append((take(x), None if y is None else take(y), d))
+    return out

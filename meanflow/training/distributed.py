@@ -43,7 +43,8 @@ def init_distributed(device: str = "auto", error: type[Exception] = RuntimeError
 
 class GradAverager:
     """DDP's gradient averaging by hand: the parameters' grads are views of one flat buffer per
-    (dtype, device), all-reduced once after backward and divided by the world size."""
+    (dtype, device), all-reduced once after backward (with train.accum, after the last micro-batch's:
+    the others' accumulate into the views) and divided by the world size."""
 
     def __init__(self, params, world: int):
         self.world, self.buffers, groups = world, [], {}

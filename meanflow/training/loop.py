@@ -7,7 +7,9 @@ Reproducibility. Every draw of step k comes from a generator seeded from (train.
 (runtime.seed_of), never from a generator carried across steps, so a run resumed from a checkpoint
 draws exactly what an uninterrupted run draws (bitwise equal weights on CPU). Draws are made for
 the global batch and each rank keeps its share (batches.py), so W processes on B/W examples each
-equal one process on B up to float summation order. Exception: the torch global RNG that networks
+equal one process on B up to float summation order; so does train.accum = N, which runs each
+rank's share as N micro-batches whose gradients sum to the share's (step.py; N resolved once per
+group in Loop.open, `auto` from the device's memory). Exception: the torch global RNG that networks
 use inside (dropout) is re-seeded per (step, rank), so its masks do depend on the world size.
 Gradients are averaged across ranks by distributed.py; the learning rate of step k is lr.lr_at(k)
 (train.warmup_steps, train.warmup_start), set by the loop before the step; its arithmetic is
@@ -35,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from .. import layout
-from ..runtime import seed_of, use_precision
+from ..runtime import device_memory, precision_plan, seed_of, use_precision
 from .batches import Batch, EpochSampler, load_batch
 from .distributed import Dist, GradAverager, init_distributed
 from .lr import lr_at, total_steps
@@ -108,6 +110,8 @@ class Replica:
             raise TrainError(f"{self.store.path}: {self.store.num_classes} classes, but data.num_classes = {d.num_classes}")
         if len(self.store) == 0:
             raise TrainError(f"{self.store.path}: the store is empty")
+        # train.accum auto: what the device has once the store is loaded (Loop.open picks N from it)
+        self.memory = device_memory(self.device) if tc.accum == "auto" else None
         if tc.epochs is not None:  # train.epochs: the step count follows from the store's size
             tc = dataclasses.replace(tc, steps=total_steps(tc, len(self.store)))
             cfg = dataclasses.replace(cfg, train=tc)
@@ -162,6 +166,7 @@ class Loop:
         self.group, self.progress = group, progress
         self.cfg, self.env, self.R = group.replicas[0].cfg, group.replicas[0].env, len(group.replicas)
         self.k, self.bar, self.pool, self.pending = 0, None, None, None
+        self.accum = 1   # train.accum's N, resolved in open()
         # named in a non-finite loss's message; once, as a run id hashes its config
         self.ids = "" if self.R == 1 else f" (replicas {', '.join(r.cfg.run_id for r in group.replicas)})"
 
@@ -170,6 +175,7 @@ class Loop:
         and (GPU) the prefetch thread."""
         from tqdm import tqdm
         tc, g = self.cfg.train, self.group
+        self.accum = accum_of(g, self.env)
         use_precision(self.env.device, tc.precision)   # process-global TF32 flags: where training starts
         ks = {r.resume() for r in g.replicas}
         if len(ks) > 1:
@@ -216,7 +222,7 @@ class Loop:
         try:
             vals, stop = step(g.objective, g.net, g.opt, x, y, ema=g.ema, averager=g.averager, grad_net=g.fwd,
                               draws=draws, stop=stop_requested, where=f" at step {k + 1}{self.ids}",
-                              precision=tc.precision)
+                              precision=tc.precision, accum=self.accum)
         except NonFiniteLoss as e:
             last = ", ".join(r.records.last_good() for r in g.replicas)
             raise NonFiniteLoss(f"{e}; last good checkpoint{'s' if self.R > 1 else ''}: {last}") from None
@@ -251,11 +257,37 @@ class Loop:
                     self.save(self.cfg.train.steps)
                 if self.env.main:
                     for r in self.group.replicas:
-                        r.records.finish(r.ema.net, r.store)
+                        r.records.finish(r.ema.net, r.store, self.accum)
                 self.env.barrier()
             return [r.records.paths.train_manifest for r in self.group.replicas]
         finally:
             self.close()
+
+
+def accum_of(group, env: Dist) -> int:
+    """train.accum as N, the micro-batches each rank's share of train.batch runs in: as given, or
+    for `auto` meanflow.costs.pick_accum's for the memory the group's first replica found on the
+    device before its net was built (R stacked replicas share it), logged. TrainError unless the
+    share splits into N."""
+    r0, R = group.replicas[0], len(group.replicas)
+    tc = r0.cfg.train
+    rows, n, why = tc.batch // env.world, tc.accum, None
+    if n == "auto":
+        from ..costs import GPU_RESERVE, pick_accum
+        n, why = pick_accum(r0.cfg, rows, r0.memory // R, net=r0.net, world=env.world,
+                            autocast_dtype=precision_plan(env.device, tc.precision)[0],
+                            reserve=GPU_RESERVE if env.device.type == "cuda" else 0.0)
+        if env.world > 1:   # one N on every rank (the metrics' means assume it): the most any rank asks for
+            most = torch.tensor([n], device=env.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            n = int(most.item())
+    if rows % n:
+        raise TrainError(f"train.batch = {tc.batch} is not divisible by the world size {env.world} x train.accum = "
+                         f"{n if why is None else f'auto (N = {n}: {why})'}: each rank's {rows} examples "
+                         f"must split into {n} equal micro-batches")
+    if why is not None:
+        log.info("train.accum auto: N = %d, micro-batch %d of the rank's %d (%s)", n, rows // n, rows, why)
+    return n
 
 
 def groups(cfgs: list, env: Dist):
@@ -293,6 +325,7 @@ def train(*cfgs, progress: bool = True) -> list[Path]:
         try:
             for group in groups(todo, env):
                 Loop(group, progress).run()
+                del group   # freed before the next is built (train.accum auto measures what is left)
         finally:
             if env.owns_group:
                 dist.destroy_process_group()

@@ -183,9 +183,10 @@ class Records:
         self.ckpt = path or self.paths.checkpoints / f"step-{n:08d}"
         return path
 
-    def finish(self, ema_net, store) -> Path:
-        """The run's final outputs (rank 0), once training is complete: EMA weights and the manifest;
-        then all but the newest train.keep_ckpts_done checkpoints are deleted."""
+    def finish(self, ema_net, store, accum: int = 1) -> Path:
+        """The run's final outputs (rank 0), once training is complete: EMA weights and the manifest
+        (`accum`: train.accum's N as resolved); then all but the newest train.keep_ckpts_done
+        checkpoints are deleted."""
         from .. import manifest
         from ..runtime import precision_used
         tc, ema_path = self.cfg.train, self.paths.ema
@@ -200,6 +201,7 @@ class Records:
                               train_seconds=round(self.train_seconds + time.time() - self.started, 3),
                               config=self.cfg.raw)
         body["env"]["precision"] = precision_used(self.env.device, tc.precision)   # how the run was computed
+        body["env"].update(accum=accum, micro_batch=tc.batch // (self.env.world * accum))
         out = manifest.write_json(self.paths.train_manifest, body)
         for gone in prune(self.run_dir, tc.keep_ckpts_done):   # what continuing the run needs stays
             log.info("removed %s: the finished run keeps its newest %d (train.keep_ckpts_done)", gone, tc.keep_ckpts_done)

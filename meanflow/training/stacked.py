@@ -6,7 +6,9 @@ Equivalence. Replica i reads exactly the examples and draws it reads alone (its 
 seeds, loop.Replica.load), they meet only its weights, and its loss is its own batch mean, so its
 weights equal the run trained alone up to float rounding (the batched matmuls sum in another
 order; tests/test_replicas.py). The jvp runs on the union of the replicas' r != t positions: a
-position with r = t in one replica has target v_g whatever du/dt is. Checkpoints are each
+position with r = t in one replica has target v_g whatever du/dt is. With train.accum = N every
+replica's block splits into the same N micro-batches, each with the union of its own rows
+(batches.micro_batches); `auto` sizes them for the device's memory shared by R. Checkpoints are each
 replica's own, in the plain format (`sync` copies each replica's slice back before they are
 written), so a stacked run resumes bitwise when every replica stopped at the same step, and
 otherwise each replica finishes alone.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .batches import union_rows
 from .step import EMA, make_optimizer
 
 
@@ -58,13 +61,10 @@ class Stacked:
         """Step k's batch of every replica, concatenated replica-major, with the union of their
         tangent positions (`jvp_rows`) and groups = R for per-replica losses."""
         bs = [r.load(k) for r in self.replicas]
-        R, n = len(bs), len(bs[0].t)
         cat = lambda name: torch.cat([getattr(b, name) for b in bs])
-        t, r = cat("t"), cat("r")
-        pos = (t != r).view(R, n).any(0).nonzero().squeeze(1)
-        jvp_rows = (torch.arange(R, device=t.device)[:, None] * n + pos).flatten()
+        t, r, R = cat("t"), cat("r"), len(bs)
         y = cat("y") if bs[0].y is not None else None
-        return cat("x"), y, {"e": cat("e"), "t": t, "r": r, "drop": cat("drop"), "jvp_rows": jvp_rows, "groups": R}
+        return cat("x"), y, {"e": cat("e"), "t": t, "r": r, "drop": cat("drop"), "jvp_rows": union_rows(t, r, R), "groups": R}
 
     @torch.no_grad()
     def sync(self):

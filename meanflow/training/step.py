@@ -1,6 +1,7 @@
-"""The one training step: loss (train.precision on GPU), backward, gradients averaged over ranks,
-the finite-loss check, the optimiser update, the EMA. The train stage (loop.py, for one run or R
-stacked replicas), the toy demo and bench/train_step.py all run this function.
+"""The one training step: loss (train.precision on GPU), backward (in train.accum micro-batches),
+gradients averaged over ranks, the finite-loss check, the optimiser update, the EMA. The train
+stage (loop.py, for one run or R stacked replicas), the toy demo and bench/train_step.py all run
+this function.
 
 No gradient clipping: neither official code clips (the paper's Adam, betas (0.9, 0.95), no
 weight decay, constant learning rate after the warm-up of lr.py)."""
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..runtime import autocast
+from .batches import micro_batches
 from .records import METRICS, NonFiniteLoss
 
 
@@ -44,29 +46,36 @@ class EMA:
 
 def step(objective, net, opt, x, y=None, *, ema=None, averager=None, grad_net=None, generator=None,
          draws: dict | None = None, stop: bool = False, where: str = "",
-         precision: str = "bf16") -> tuple[list[list[float]], bool]:
+         precision: str = "bf16", accum: int = 1) -> tuple[list[list[float]], bool]:
     """One optimisation step on batch (x, y). The objective draws (e, t, r, drop; iMF's omega,
     t_min, t_max) from `generator` unless `draws` gives them (stacked replicas add jvp_rows and
     groups = R). `averager` (distributed.GradAverager) averages gradients over ranks; `grad_net`
-    runs the gradient-carrying forward; `precision` is train.precision (runtime.autocast). Returns
-    each replica's METRICS (global means; one list for a plain run) and the global stop flag (any
-    rank's `stop`), in one host sync. A non-finite loss raises NonFiniteLoss before the update."""
+    runs the gradient-carrying forward; `precision` is train.precision (runtime.autocast); `accum`
+    (train.accum): the batch runs as that many micro-batches (batches.micro_batches), each loss
+    backpropagated with weight 1/accum, so the gradients summed in place are those of the batch's
+    mean; ranks average them once, after the last. Returns each replica's METRICS (global means;
+    one list for a plain run) and the global stop flag (any rank's `stop`), in one host sync. A
+    non-finite loss raises NonFiniteLoss before the update."""
     if averager:
         averager.zero()
     else:
         opt.zero_grad(set_to_none=True)
-    with autocast(x.device, precision):
-        out = objective(net, x, y, generator=generator, grad_net=grad_net, **(draws or {}))
-    out.loss.sum().backward()  # stacked replicas: the sum of their means, each gradient its own loss's
-    stats = torch.stack([getattr(out, m).detach().float() for m in METRICS]).reshape(len(METRICS), -1)
+    stats = None
+    for xm, ym, dm in [(x, y, draws or {})] if accum == 1 else micro_batches(x, y, draws or {}, accum):
+        with autocast(x.device, precision):
+            out = objective(net, xm, ym, generator=generator, grad_net=grad_net, **dm)
+        loss = out.loss.sum()  # stacked replicas: the sum of their means, each gradient its own loss's
+        (loss if accum == 1 else loss / accum).backward()
+        s = torch.stack([getattr(out, m).detach().float() for m in METRICS]).reshape(len(METRICS), -1)
+        stats = s if stats is None else stats + s   # micro-batches of equal size: their means' sum / accum
     if averager:
         stats = torch.cat([stats, torch.full((1, stats.shape[1]), float(stop), device=stats.device)])
         dist.all_reduce(stats)
         averager.average()
         *sums, stops = stats.tolist()
-        stop, vals = stops[0] > 0, [[v / averager.world for v in r] for r in zip(*sums)]
+        stop, vals = stops[0] > 0, [[v / (averager.world * accum) for v in r] for r in zip(*sums)]
     else:
-        vals = [list(r) for r in zip(*stats.tolist())]
+        vals = [[v / accum for v in r] for r in zip(*stats.tolist())]
     if not all(math.isfinite(v) for r in vals for v in r):
         loss = ", ".join(str(r[0]) for r in vals)
         unweighted = ", ".join(str(r[1]) for r in vals)

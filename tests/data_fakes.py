@@ -158,31 +158,14 @@ def fake_cifar(path: Path, n_per_batch: int = 6) -> str:
 def tiny_vae(path: Path, channels=(8, 16, 16, 16), groups: int = 8, seed: int = 0) -> Path:
     """sd-vae's AutoencoderKL architecture (4 blocks, 2 layers each, 4 latent channels, 8x down),
     randomly initialised with narrow channels, saved with save_pretrained (safetensors)."""
-    import torch
-    from diffusers import AutoencoderKL
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=tuple(channels), layers_per_block=2, latent_channels=4,
-                        norm_num_groups=groups, sample_size=256)
-    vae.save_pretrained(path)
-    return path
+    from meanflow.data.vae import random_vae
+    return random_vae(path, seed, block_out_channels=list(channels), norm_num_groups=groups)
 
 
 def random_inception(path: Path) -> Path:
-    """torch-fidelity's FeatureExtractorInceptionV3 architecture with random weights: build it with
-    its weight loading short-circuited, save the state dict."""
-    import torch
-    import torch_fidelity.feature_extractor_inceptionv3 as fi
-    orig_url, orig_load = fi.load_state_dict_from_url, fi.FeatureExtractorInceptionV3.load_state_dict
-    fi.load_state_dict_from_url = lambda *a, **k: None
-    fi.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
-    try:
-        torch.manual_seed(0)
-        net = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        fi.load_state_dict_from_url, fi.FeatureExtractorInceptionV3.load_state_dict = orig_url, orig_load
-    torch.save(net.state_dict(), path)
-    return path
+    """torch-fidelity's Inception-v3 with random weights (meanflow.rehearsal's stand-in)."""
+    from meanflow.rehearsal import random_inception
+    return random_inception(path)
 
 
 class RangeServer:

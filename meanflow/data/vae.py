@@ -11,6 +11,10 @@ from ..manifest import file_hash
 from .fetch import DataError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+# stabilityai/sd-vae-ft-mse's architecture (its config.json): 4 blocks of 2 layers, 8x down, 4 latent channels
+SD_VAE = {"down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+          "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
+          "norm_num_groups": 32, "sample_size": 256}
 
 
 def resolve(name: str, revision: str | None = None) -> Path:
@@ -54,6 +58,15 @@ def encode_pair(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     same work, and on CPU the smaller activations stay in cache."""
     posts = [vae.encode(v.contiguous(memory_format=torch.channels_last)).latent_dist for v in (x, x.flip(-1))]
     return (torch.stack([p.mean for p in posts], 1).half(), torch.stack([p.std for p in posts], 1).half())
+
+
+def random_vae(path: Path, seed: int = 0, **arch) -> Path:
+    """SD_VAE's architecture (with `arch` changes, e.g. narrow block_out_channels) randomly
+    initialised and saved with save_pretrained: a stand-in for the real weights, loadable by `load`."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    AutoencoderKL(**{**SD_VAE, **arch}).save_pretrained(path)
+    return Path(path)
 
 
 def latent_shape(vae, resolution: int) -> tuple[int, int, int]:

@@ -72,20 +72,12 @@ def sync(dev: torch.device) -> None:
 
 
 def inception(dev: torch.device, tmp: Path):
-    """torch-fidelity's inception-v3-compat with random weights, built as metrics.fid.Space builds it."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fi
+    """torch-fidelity's inception-v3-compat with random weights (meanflow.rehearsal's stand-in),
+    built as metrics.fid.Space builds it."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     from torch_fidelity.utils import create_feature_extractor
-    orig_url, orig_load = fi.load_state_dict_from_url, fi.FeatureExtractorInceptionV3.load_state_dict
-    fi.load_state_dict_from_url = lambda *a, **k: None
-    fi.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
-    try:
-        torch.manual_seed(0)
-        net = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        fi.load_state_dict_from_url, fi.FeatureExtractorInceptionV3.load_state_dict = orig_url, orig_load
-    weights = tmp / "inception_random.pth"
-    torch.save(net.state_dict(), weights)
+    from meanflow.rehearsal import random_inception
+    weights = random_inception(tmp / "inception_random.pth")
     layers = ["2048", FEATURE_EXTRACTORS_REGISTRY["inception-v3-compat"].get_default_feature_layer_for_metric("isc")]
     return create_feature_extractor("inception-v3-compat", layers, cuda=False, verbose=False,
                                     feature_extractor_weights_path=str(weights)).to(dev)

@@ -27,7 +27,9 @@ GIB = 2 ** 30
 
 
 def one(tier: str, experiment: str, work: Path, out: Path, batch: int, big: int | None):
+    import logging
     from meanflow import rehearsal
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     s = rehearsal.stand_ins(work / "stand-ins")
     res = rehearsal.rehearse(tier, experiment, s, work / "runs", batch=batch, big=big)
     out.write_text(json.dumps(res))
@@ -37,7 +39,7 @@ def table(results: list[dict]) -> str:
     err = lambda r, k: (r[k]["model"] - r[k]["peak"]) / r[k]["peak"]  # noqa: E731
     lines = ["| network | params (M) | checkpoint (GB) | s/step fp32 (bf16), batch 2 | peak RSS batch 2 (GiB): "
              "measured / model | peak RSS batch B: B, measured / model | model error | bf16 vs fp32: loss rel, grad cos "
-             "| resume bitwise | sample s/img (1+2 NFE, 256px decode) | Inception s/img |",
+             "| resume bitwise | sample stage s/img (1 and 2 NFE, decode) | FID stage s/img (2 per NFE: its fixed costs) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s, b, f = r["small"], r["big"], r["bf16"]

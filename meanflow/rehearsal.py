@@ -12,8 +12,10 @@ the smallest. Peak RSS is read from /proc (VmHWM, reset between phases), so run 
 process with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so freed tensors leave RSS."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import logging
 import math
 import shutil
 import signal
@@ -24,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import config, costs, layout
+from . import config, costs, layout, runtime
 from .data import vae as vaemod
 from .data.store import LABELS, record_dtype
 from .shards import MANIFEST
+
+log = logging.getLogger(__name__)
 
 # (tier, experiment): each distinct network of the imagenet and cifar10 tiers, in its table's row
 NETWORKS = (("imagenet", "ratio_25"), ("imagenet", "MF-B/2"), ("imagenet", "MF-M/2"), ("imagenet", "MF-L/2"),
@@ -151,10 +155,11 @@ def dir_bytes(path: Path) -> int:
 
 # --------------------------------------------------------------------------- the phases
 def _steps(rep, ks, batch: int, autocast_dtype=None) -> tuple[list[float], float]:
-    """Training steps ks of the replica at `batch` examples (its own draws); (losses, s of the last)."""
+    """Training steps ks of the replica at `batch` examples (its own draws); (squared errors, the
+    fastest step's seconds after the first)."""
     from .training.batches import load_batch
     from .training.step import step
-    tc, d, losses, dt = rep.cfg.train, rep.cfg.data, [], 0.0
+    tc, d, losses, dts = rep.cfg.train, rep.cfg.data, [], []
     for k in ks:
         b = load_batch(rep.store, rep.sampler, rep.objective, k, batch, 0, 1, tc.seed, rep.device,
                        conditional=d.num_classes > 0, augment=d.augment)
@@ -163,13 +168,14 @@ def _steps(rep, ks, batch: int, autocast_dtype=None) -> tuple[list[float], float
         with ac:
             vals, _ = step(rep.objective, rep.net, rep.opt, b.x, b.y, ema=rep.ema, grad_net=rep.fwd, draws=b.draws(),
                            precision="fp32")
-        dt = time.perf_counter() - t0
+        dts.append(time.perf_counter() - t0)
         losses.append(vals[0][1])   # the squared error: the adaptive loss is ~1 by construction
-    return losses, dt
+    return losses, min(dts[1:] or dts)
 
 
-def _gradient(rep, batch: int, k: int, autocast_dtype=None) -> tuple[float, torch.Tensor]:
-    """(squared error, flat gradient of the loss) at the replica's current weights on step k's draws, no update."""
+def _gradient(rep, batch: int, k: int, autocast_dtype=None) -> tuple[float, list[torch.Tensor]]:
+    """(squared error, the loss's gradient per parameter) at the replica's current weights on step
+    k's draws, no update."""
     from .training.batches import load_batch
     tc, d = rep.cfg.train, rep.cfg.data
     b = load_batch(rep.store, rep.sampler, rep.objective, k, batch, 0, 1, tc.seed, rep.device,
@@ -179,14 +185,25 @@ def _gradient(rep, batch: int, k: int, autocast_dtype=None) -> tuple[float, torc
     with ac:
         out = rep.objective(rep.net, b.x, b.y, grad_net=rep.fwd, **b.draws())
     out.loss.backward()
-    g = torch.cat([p.grad.flatten() for p in rep.net.parameters() if p.grad is not None])
-    rep.opt.zero_grad(set_to_none=True)
+    g = [p.grad for p in rep.net.parameters() if p.grad is not None]
+    rep.opt.zero_grad(set_to_none=True)   # the grads stay ours alone
     return out.loss_unweighted.item(), g
+
+
+def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
+    """(cosine, norm ratio |b| / |a|) of two gradients given per parameter, in float64 one tensor at a
+    time (a flat float64 copy of an XL/2's gradient alone is 5 GB)."""
+    ab = aa = bb = 0.0
+    for x, y in zip(a, b):
+        x, y = x.double(), y.double()
+        ab, aa, bb = ab + float(x.flatten() @ y.flatten()), aa + float(x.flatten() @ x.flatten()), bb + float(y.flatten() @ y.flatten())
+    return ab / math.sqrt(aa * bb), math.sqrt(bb / aa)
 
 
 def memory_and_speed(cfg, big: int | None = None) -> dict:
     """Peak RSS of two steps at train.batch and at a `big` batch (default: where activations
-    outweigh the gradients, so the slope shows) against costs.Memory; s/step; bf16 against fp32."""
+    outweigh the gradients, so the slope shows, or what fits) against costs.Memory; s/step; bf16
+    against fp32."""
     from .training.distributed import Dist
     from .training.loop import Replica
     rep = Replica(cfg, Dist(0, 1, torch.device("cpu")))
@@ -195,22 +212,27 @@ def memory_and_speed(cfg, big: int | None = None) -> dict:
     # the store, allocator caches): not modelled, as a GPU's memory holds none of it
     base = rss() - mem.params * (costs.WEIGHT + costs.EMA_COPY)
     b1 = cfg.train.batch
-    big = big or max(2 * b1, 2 ** math.ceil(math.log2(max(2 * mem.params * costs.GRAD / mem.activations, 1))))
+    if big is None:   # where activations outweigh the freed gradients twice, within 80% of the memory left
+        room = 0.8 * runtime.device_memory("cpu") + rss() - base
+        big = max(2 * b1, 2 ** math.ceil(math.log2(max(2 * mem.params * costs.GRAD / mem.activations, 1))))
+        while big > b1 and mem.peak(big, persistent_grads=False) > room:
+            big -= 1
+        big = big if big > b1 else 1   # no room above: the second batch below
     out = {"overhead": base, "params": mem.params, "state_bytes": mem.state, "act_bytes": mem.activations,
            "act_bytes_rows": [mem.fm_row, mem.jvp_row], "jvp_api": cfg.meanflow.jvp_api}
-    for key, b, ks in (("small", b1, (0, 1)), ("big", big, (2, 3))):
+    for key, b, ks in (("small", b1, (0, 1, 2)), ("big", big, (3, 4))):
         reset_peak()
         losses, dt = _steps(rep, ks, b)
         out[key] = {"batch": b, "peak": rss("VmHWM") - base, "model": mem.peak(b, persistent_grads=False),
                     "s_per_step": dt, "losses": losses}
     # bf16 autocast on the CPU against fp32: one loss and gradient on the same weights and draws
-    l32, g32 = _gradient(rep, b1, 4)
-    l16, g16 = _gradient(rep, b1, 4, torch.bfloat16)
-    out["bf16"] = {"loss_fp32": l32, "loss_bf16": l16, "loss_rel": abs(l16 - l32) / abs(l32),
-                   "grad_cos": float(torch.nn.functional.cosine_similarity(g32.double(), g16.double(), dim=0)),
-                   "grad_norm_ratio": float(g16.norm() / g32.norm())}
+    l32, g32 = _gradient(rep, b1, 5)
+    l16, g16 = _gradient(rep, b1, 5, torch.bfloat16)
+    cos, ratio = _cosine(g32, g16)
+    out["bf16"] = {"loss_fp32": l32, "loss_bf16": l16, "loss_rel": abs(l16 - l32) / abs(l32), "grad_cos": cos,
+                   "grad_norm_ratio": ratio}
     del g32, g16
-    losses, dt = _steps(rep, (5, 6), b1, torch.bfloat16)
+    losses, dt = _steps(rep, (6, 7, 8), b1, torch.bfloat16)
     out["bf16"].update(losses=losses, s_per_step=dt, finite=all(math.isfinite(v) for v in losses))
     return out
 
@@ -234,6 +256,7 @@ def train_and_resume(cfg_u, cfg_p) -> dict:
     finally:
         loop.close()
     del loop
+    gc.collect()   # the pre-empted replica's net, EMA and Adam state, before the resumed run builds its own
     train(cfg_p, progress=False)
     (su, cu), (sp, cp) = checkpoints(cfg_u.run_dir)[-1], checkpoints(cfg_p.run_dir)[-1]
     same = {f: tensors_sha256(cu / f) == tensors_sha256(cp / f) for f in ("model.safetensors", "ema.safetensors")}
@@ -266,11 +289,15 @@ def rehearse(tier: str, experiment: str, s: StandIns, work: Path, batch: int = 2
              params: dict | None = None) -> dict:
     """Every phase for one network; work/ is emptied of its checkpoints at the end."""
     cfg = lambda name: rehearsal_config(tier, experiment, s, work / name, batch, params)  # noqa: E731
-    out = {"network": cfg("u").model.name, "tier": tier, "experiment": experiment}
-    out.update(memory_and_speed(cfg("m"), big))
-    out.update(train_and_resume(cfg("u"), cfg("p")))
-    shutil.rmtree(work / "p", ignore_errors=True)
-    out.update(sample_and_score(cfg("u")))
+    out = {"network": cfg("u").model.name, "tier": tier, "experiment": experiment, "rss_after": {}}
+    for phase, run in (("memory", lambda: memory_and_speed(cfg("m"), big)),
+                       ("train", lambda: train_and_resume(cfg("u"), cfg("p"))),
+                       ("sample", lambda: sample_and_score(cfg("u")))):
+        log.info("%s/%s: %s phase (RSS %.1f GiB)", tier, experiment, phase, rss() / 2**30)
+        out.update(run())
+        gc.collect()   # one phase's networks are gone before the next builds its own
+        out["rss_after"][phase] = rss()
+        shutil.rmtree(work / "p", ignore_errors=True)
     shutil.rmtree(work / "m", ignore_errors=True)
     shutil.rmtree(work / "u", ignore_errors=True)
     return out

@@ -6,8 +6,6 @@ meanflow.costs.pick_accum's N, logs it, and the manifest records it."""
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace as NS
 
 import pytest
@@ -25,7 +23,7 @@ from meanflow.training.distributed import Dist, GradAverager
 from meanflow.training.loop import Loop, Replica, accum_of, train
 from meanflow.training.records import METRICS, TrainError
 from meanflow.training.step import step
-from test_train import ENV, data_root, free_port, write_params  # noqa: F401 (fixture)
+from test_train import data_root, train_two_ranks, write_params  # noqa: F401 (fixture)
 
 STEPS, BATCH = 4, 24
 CPU = torch.device("cpu")
@@ -166,13 +164,7 @@ def test_micro_batches_of_stacked_replicas_split_each_block():
 def test_two_gloo_processes_with_accum_2_equal_one_process(data_root, reference, tmp_path):
     """2 ranks x 2 micro-batches of 6 = 1 process on 24: gradients averaged over ranks once."""
     two = params(tmp_path / "two.yaml", data_root, tmp_path / "two", accum=2)
-    log = tmp_path / "torchrun.txt"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                        "-m", "stages.train", "--params", str(two), "--no-progress"],
-                       cwd=tmp_path, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                       timeout=300)
-    assert p.returncode == 0, log.read_text()
+    train_two_ranks(two, tmp_path)
     rd = config.load(two).run_dir
     m = json.loads((rd / "train_manifest.json").read_text())
     assert m["world_size"] == 2 and (m["env"]["accum"], m["env"]["micro_batch"]) == (2, 6)

@@ -4,8 +4,6 @@ switches to the earlier departures), guidance conditions reach the network on ev
 sampling at omega = 1 is unguided sampling, the iMF DiT's parameter counts and initialisation
 (official formulas; init = dit the earlier network bit for bit), and the train stage
 with the iMF objective: rows independent of the world size, 2 gloo processes == 1, resume bitwise."""
-import subprocess
-import sys
 from types import SimpleNamespace as NS
 
 import pytest
@@ -23,7 +21,7 @@ from meanflow.objective import IMF, build_objective
 from meanflow.models.dit import DiT
 from meanflow.models.imf_dit import IMF_CONFIGS, IMF_PARAMS, IMFDiT, inference_params
 from meanflow.sampling import sample
-from test_train import ENV, ROOT, assert_same_run, data_root, free_port  # noqa: F401 (fixture)
+from test_train import ROOT, assert_same_run, data_root, train_two_ranks  # noqa: F401 (fixture)
 
 B, K = 8, 10
 
@@ -462,13 +460,7 @@ def test_imf_resume_is_bitwise_identical(data_root, tmp_path):
 def test_imf_two_gloo_processes_equal_one(data_root, tmp_path):
     one = write_params(tmp_path / "one.yaml", data_root, tmp_path / "one", steps=3, batch=24)
     two = write_params(tmp_path / "two.yaml", data_root, tmp_path / "two", steps=3, batch=24)
-    log = tmp_path / "torchrun.txt"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                        "-m", "stages.train", "--params", str(two), "--no-progress"],
-                       cwd=tmp_path, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                       timeout=300)
-    assert p.returncode == 0, log.read_text()
+    train_two_ranks(two, tmp_path)
     cfg = config.load(one)
     train(cfg, progress=False)
     a, b = cfg.run_dir, config.load(two).run_dir

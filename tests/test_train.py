@@ -192,17 +192,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def train_two_ranks(params: Path, cwd: Path):
+    """stages.train on 2 gloo processes (torchrun on localhost, one thread each); its log in cwd."""
+    log = cwd / "torchrun.txt"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                        "-m", "stages.train", "--params", str(params), "--no-progress"],
+                       cwd=cwd, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                       timeout=300)
+    assert p.returncode == 0, log.read_text()
+
+
 def test_two_gloo_processes_equal_one(data_root, tmp_path):
     # batch 24 over 2 ranks: each rank's 12 rows cut a 16-row store chunk, the case to get right
     one = write_params(tmp_path / "one.yaml", data_root, tmp_path / "one", steps=4, batch=24)
     two = write_params(tmp_path / "two.yaml", data_root, tmp_path / "two", steps=4, batch=24)
-    log = tmp_path / "torchrun.txt"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-                        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                        "-m", "stages.train", "--params", str(two), "--no-progress"],
-                       cwd=tmp_path, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                       timeout=300)
-    assert p.returncode == 0, log.read_text()
+    train_two_ranks(two, tmp_path)
     cfg = config.load(one)
     train(cfg, progress=False)
     a, b = cfg.run_dir, run_dir(two)

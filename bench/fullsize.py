@@ -38,7 +38,7 @@ def one(tier: str, experiment: str, work: Path, out: Path, batch: int, big: int 
 def table(results: list[dict]) -> str:
     err = lambda r, k: (r[k]["model"] - r[k]["peak"]) / r[k]["peak"]  # noqa: E731
     lines = ["| network | params (M) | checkpoint (GB) | s/step fp32 (bf16), batch 2 | peak RSS batch 2 (GiB): "
-             "measured / model | peak RSS batch B: B, measured / model | model error | bf16 vs fp32: loss rel, grad cos "
+             "measured / model | peak RSS batch B: B, measured / model | model error | bf16 vs fp32: squared error rel, 1 - gradient cos "
              "| resume bitwise | sample stage s/img (1 and 2 NFE, decode) | FID stage s/img (2 per NFE: its fixed costs) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -47,7 +47,7 @@ def table(results: list[dict]) -> str:
             f"| {r['network']} ({r['jvp_api']}) | {r['params'] / 1e6:.1f} | {r['checkpoint_bytes'] / 1e9:.2f} | "
             f"{s['s_per_step']:.1f} ({f['s_per_step']:.1f}) | {s['peak'] / GIB:.2f} / {s['model'] / GIB:.2f} | "
             f"{b['batch']}: {b['peak'] / GIB:.2f} / {b['model'] / GIB:.2f} | {err(r, 'small'):+.1%}, {err(r, 'big'):+.1%} | "
-            f"{f['loss_rel']:.1e}, {f['grad_cos']:.4f} | {'yes' if all(r['resume_equal'].values()) else r['resume_equal']} | "
+            f"{f['loss_rel']:.1e}, {1 - f['grad_cos']:.1e} | {'yes' if all(r['resume_equal'].values()) else r['resume_equal']} | "
             f"{r['sample_s_per_image']:.1f} | {r['fid_s_per_image']:.2f} |")
     return "\n".join(lines)
 

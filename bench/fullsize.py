@@ -67,6 +67,7 @@ def main():
     todo = [n for n in NETWORKS if not a.only or n[1] in a.only or n[1].replace("ratio_25", "MF-B/4") in a.only]
     tmp = tempfile.TemporaryDirectory(prefix="fullsize-") if a.work is None else None
     work = Path(a.work or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": str(ROOT)}
     results = []
     try:

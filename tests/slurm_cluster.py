@@ -215,6 +215,17 @@ PartitionName={PARTITION} Nodes={",".join(cl.nodes)} Default=YES MaxTime=INFINIT
 
 @contextlib.contextmanager
 def cluster(tmp: str | Path, nodes: int = 1):
+    """`_cluster`, one at a time on this machine: clusters share /etc/slurm/slurm.conf, so a second
+    (another pytest-xdist worker's test file) waits for the first to stop."""
+    import fcntl
+    with open("/tmp/meanflow-slurm-cluster.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with _cluster(tmp, nodes) as cl:
+            yield cl
+
+
+@contextlib.contextmanager
+def _cluster(tmp: str | Path, nodes: int = 1):
     """Start the cluster under `tmp` (keep the path short: unix socket paths are limited to 107 bytes)
     with 1 node (localhost) or 2 (network namespaces mfnode1, mfnode2)."""
     if nodes not in (1, len(NODE_NAMES)):

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .objective.base import fm_rows
+
 IMAGENET_TRAIN = 1_281_167       # ILSVRC2012 train images (encoded once, with their flips)
 H100_BF16_DENSE = 989e12         # H100 SXM peak bf16 tensor FLOP/s without sparsity
 NODE_WEEK_GPU_HOURS = 8 * 24 * 7  # one 8-GPU node for a week
@@ -148,11 +150,12 @@ class Memory:
     The saved graph is what backward keeps alive; its size per example (rows that take the jvp,
     rows with r = t) and its fixed part (bf16 autocast's weight copies) come from counting the
     tensors autograd saves (`count_saved`). The jvp and the CFG target run without gradient
-    (meanflow.strategy split), so a jvp row saves what an r = t row saves. Peak of a step:
+    (meanflow.strategy split), so a jvp row saves what an r = t row saves; under joint they differ,
+    and a batch's rows are counted as the front layout draws them (`saved`). Peak of a step:
       persistent gradients (the trainer's flat buffer when world > 1; accumulation):
-          state + fixed + b * activations
+          state + saved(b)
       one process (gradients set to None at each step, freed before the forward):
-          state - grads + max(grads, fixed + b * activations)
+          state - grads + max(grads, saved(b))
     as backward frees the graph while it writes the gradients. Not modelled: the process's own
     memory (CUDA context, workspaces, fragmentation: GPU_RESERVE on a GPU)."""
     params: int
@@ -163,21 +166,33 @@ class Memory:
 
     @property
     def activations(self) -> float:
+        """Saved bytes per example, rows mixed at `ratio` (planning at large batches)."""
         return self.ratio * self.jvp_row + (1 - self.ratio) * self.fm_row
 
     @property
     def state(self) -> float:
         return self.params * (WEIGHT + GRAD + ADAM + EMA_COPY)
 
+    def saved(self, batch: int) -> float:
+        """Saved bytes of a batch: its r = t and jvp rows counted as the front layout draws them
+        (objective.base.fm_rows: batch 2 at ratio 0.75 has 2 jvp rows, not 1.5)."""
+        fm = fm_rows(batch, self.ratio)
+        return self.fixed + fm * self.fm_row + (batch - fm) * self.jvp_row
+
     def peak(self, batch: int, persistent_grads: bool = True) -> float:
-        act = self.fixed + batch * self.activations
+        act = self.saved(batch)
         if persistent_grads:
             return self.state + act
         return self.state - self.params * GRAD + max(self.params * GRAD, act)
 
     def largest_batch(self, capacity: float, persistent_grads: bool = True) -> int:
         """The most examples whose step fits `capacity` bytes (0: not even one)."""
-        return max(int((capacity - self.peak(0, persistent_grads)) // self.activations), 0) if self.activations else 0
+        if not self.activations:
+            return 0
+        b = max(int((capacity - self.peak(0, persistent_grads)) // self.activations), 0) + 1
+        while b > 0 and self.peak(b, persistent_grads) > capacity:   # the row counts' rounding: at most a row or two
+            b -= 1
+        return b
 
 
 def count_saved(net, objective, batch: int, shape: tuple, num_classes: int, jvp: bool, autocast_dtype=None) -> int:

@@ -29,6 +29,7 @@ import torch
 from . import config, costs, layout, runtime
 from .data import vae as vaemod
 from .data.store import LABELS, record_dtype
+from .objective.jvp import api_taken
 from .shards import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -45,16 +46,22 @@ BF16_LOSS_RTOL, BF16_GRAD_COS = 0.05, 0.95
 # --------------------------------------------------------------------------- stand-ins
 def random_inception(path: Path) -> Path:
     """torch-fidelity's FeatureExtractorInceptionV3 architecture with random weights: built with
-    its weight loading short-circuited, the state dict saved (data.inception_weights takes it)."""
+    its weight loading short-circuited, re-initialised He-normal (torch's default init makes pool3
+    vanish to ~1e-8 through its ~95 layers: every image the same features, every FID equal), the
+    state dict saved (data.inception_weights, torch-fidelity's feature_extractor_weights_path)."""
     import torch_fidelity.feature_extractor_inceptionv3 as fi
     orig_url, orig_load = fi.load_state_dict_from_url, fi.FeatureExtractorInceptionV3.load_state_dict
     fi.load_state_dict_from_url = lambda *a, **k: None
     fi.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
     try:
-        torch.manual_seed(0)
         net = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     finally:
         fi.load_state_dict_from_url, fi.FeatureExtractorInceptionV3.load_state_dict = orig_url, orig_load
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                m.weight.normal_(0, (2 / m.weight[0].numel()) ** 0.5, generator=g)
     torch.save(net.state_dict(), path)
     return path
 
@@ -154,16 +161,22 @@ def dir_bytes(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------- the phases
+def _batch(rep, k: int, batch: int, autocast_dtype=None):
+    """(step k's batch of `batch` examples with its draws, the autocast context: bf16 or off)."""
+    from .training.batches import load_batch
+    tc, d = rep.cfg.train, rep.cfg.data
+    b = load_batch(rep.store, rep.sampler, rep.objective, k, batch, 0, 1, tc.seed, rep.device,
+                   conditional=d.num_classes > 0, augment=d.augment)
+    return b, torch.autocast("cpu", autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+
+
 def _steps(rep, ks, batch: int, autocast_dtype=None) -> tuple[list[float], float]:
     """Training steps ks of the replica at `batch` examples (its own draws); (squared errors, the
     fastest step's seconds after the first)."""
-    from .training.batches import load_batch
     from .training.step import step
-    tc, d, losses, dts = rep.cfg.train, rep.cfg.data, [], []
+    losses, dts = [], []
     for k in ks:
-        b = load_batch(rep.store, rep.sampler, rep.objective, k, batch, 0, 1, tc.seed, rep.device,
-                       conditional=d.num_classes > 0, augment=d.augment)
-        ac = torch.autocast("cpu", autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+        b, ac = _batch(rep, k, batch, autocast_dtype)
         t0 = time.perf_counter()
         with ac:
             vals, _ = step(rep.objective, rep.net, rep.opt, b.x, b.y, ema=rep.ema, grad_net=rep.fwd, draws=b.draws(),
@@ -176,12 +189,8 @@ def _steps(rep, ks, batch: int, autocast_dtype=None) -> tuple[list[float], float
 def _gradient(rep, batch: int, k: int, autocast_dtype=None) -> tuple[float, list[torch.Tensor]]:
     """(squared error, the loss's gradient per parameter) at the replica's current weights on step
     k's draws, no update."""
-    from .training.batches import load_batch
-    tc, d = rep.cfg.train, rep.cfg.data
-    b = load_batch(rep.store, rep.sampler, rep.objective, k, batch, 0, 1, tc.seed, rep.device,
-                   conditional=d.num_classes > 0, augment=d.augment)
+    b, ac = _batch(rep, k, batch, autocast_dtype)
     rep.opt.zero_grad(set_to_none=True)
-    ac = torch.autocast("cpu", autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
     with ac:
         out = rep.objective(rep.net, b.x, b.y, grad_net=rep.fwd, **b.draws())
     out.loss.backward()
@@ -219,7 +228,7 @@ def memory_and_speed(cfg, big: int | None = None) -> dict:
             big -= 1
         big = big if big > b1 else 1   # no room above: the second batch below
     out = {"overhead": base, "params": mem.params, "state_bytes": mem.state, "act_bytes": mem.activations,
-           "act_bytes_rows": [mem.fm_row, mem.jvp_row], "jvp_api": cfg.meanflow.jvp_api}
+           "act_bytes_rows": [mem.fm_row, mem.jvp_row], "jvp_api": api_taken(rep.net, cfg.meanflow.jvp_api)}
     for key, b, ks in (("small", b1, (0, 1, 2)), ("big", big, (3, 4))):
         reset_peak()
         losses, dt = _steps(rep, ks, b)

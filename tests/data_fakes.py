@@ -162,10 +162,6 @@ def tiny_vae(path: Path, channels=(8, 16, 16, 16), groups: int = 8, seed: int = 
     return random_vae(path, seed, block_out_channels=list(channels), norm_num_groups=groups)
 
 
-def random_inception(path: Path) -> Path:
-    """torch-fidelity's Inception-v3 with random weights (meanflow.rehearsal's stand-in)."""
-    from meanflow.rehearsal import random_inception
-    return random_inception(path)
 
 
 class RangeServer:

@@ -111,6 +111,20 @@ def test_saved_graph_is_linear_in_the_batch_and_the_jvp_saves_only_when_joint():
     assert bf16.fixed > 0 and bf16.activations < mem.activations   # bf16 weight copies; half-size saved inputs
 
 
+def test_saved_counts_the_rows_the_objective_draws():
+    """A small batch's jvp rows as drawn (front layout), not the ratio's mean: batch 2 at ratio
+    0.75 (the cifar recipe) has 2 jvp rows, and joint saves far more for them (the U-Net's -13%)."""
+    from meanflow.objective import build_objective
+    mem = costs.Memory(params=0, fm_row=1e8, jvp_row=6e8, ratio=0.75, fixed=5e7)
+    for ratio, n in ((0.75, 2), (0.75, 4), (0.75, 5), (0.25, 3), (0.25, 32), (0.0, 8)):
+        cfg = tiny_dit(ratio=ratio).meanflow
+        t, r = build_objective(cfg, 10).sample_t_r(n, torch.Generator().manual_seed(0))
+        jvp = int((t != r).sum())
+        assert costs.Memory(0, 1e8, 6e8, ratio, 5e7).saved(n) == 5e7 + (n - jvp) * 1e8 + jvp * 6e8, (ratio, n)
+    assert mem.saved(2) == 5e7 + 2 * 6e8 and mem.saved(4) == 5e7 + 4 * mem.activations   # 2 of 2; 3 of 4
+    assert mem.largest_batch(mem.peak(2) + 5e8) == 2 and mem.largest_batch(mem.peak(4)) == 4
+
+
 def test_peak_and_accumulation_pick():
     mem = costs.Memory(params=10**9, fm_row=1e8, jvp_row=2e8, ratio=0.5)        # 1.5e8 bytes per example
     assert mem.state == 20e9 and mem.activations == 1.5e8

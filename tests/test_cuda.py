@@ -128,7 +128,7 @@ def test_compile_on_and_off_equal():
 def test_inception_fid_on_cuda_equals_cpu(tmp_path):
     """The fid stage's own path (extract under exact_fp32, torch-fidelity's Frechet distance in
     float64) on the same uint8 images: CUDA and CPU agree to 1e-3."""
-    from test_fid import random_inception
+    from meanflow.rehearsal import random_inception
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     from meanflow.metrics import fid
     weights = random_inception(tmp_path / "inception.pth")

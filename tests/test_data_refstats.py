@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_fakes import data_cfg, fake_ilsvrc, random_inception
+from data_fakes import data_cfg, fake_ilsvrc
 from meanflow.data import DataError, acquire
 from meanflow.metrics import refstats
 from meanflow.metrics import reference as rs
+from meanflow.rehearsal import random_inception
 from meanflow.data.crop import center_crop_arr, load_rgb
 from meanflow.data.raw import load_split
 from meanflow.manifest import file_hash

@@ -9,39 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from meanflow import generate, manifest, metrics
 from meanflow.data import acquire
 from meanflow.layout import data as paths
 from meanflow.metrics import features as F
 from meanflow.metrics import fid
+from meanflow.rehearsal import random_inception
 from test_sample import make_cfg, write_weights
 
 
 def nhwc(x):
     return x.transpose(0, 2, 3, 1)
-
-
-def random_inception(path):
-    """FeatureExtractorInceptionV3 with its weight loading short-circuited, re-initialised with
-    He-normal weights (PyTorch's default init makes pool3 vanish to ~1e-8 through 20 layers),
-    saved as the plain state dict torch-fidelity's feature_extractor_weights_path loads."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fi
-    orig_url, orig_load = fi.load_state_dict_from_url, fi.FeatureExtractorInceptionV3.load_state_dict
-    fi.load_state_dict_from_url = lambda *a, **k: None
-    fi.FeatureExtractorInceptionV3.load_state_dict = lambda self, sd, *a, **k: None
-    try:
-        net = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    finally:
-        fi.load_state_dict_from_url, fi.FeatureExtractorInceptionV3.load_state_dict = orig_url, orig_load
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.normal_(0, (2 / m.weight[0].numel()) ** 0.5, generator=g)
-    torch.save(net.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import yaml
 
-from data_fakes import WNIDS, fake_ilsvrc, random_inception, tiny_vae
+from data_fakes import WNIDS, fake_ilsvrc, tiny_vae
 from meanflow import config
+from meanflow.rehearsal import random_inception
 from project_copy import copy_repo, smk
 
 

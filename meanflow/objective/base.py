@@ -15,6 +15,11 @@ from dataclasses import dataclass
 import torch
 
 
+def fm_rows(n: int, ratio: float) -> int:
+    """Rows with r = t in a batch of n under mask_layout front (both official codes): int(n (1 - ratio))."""
+    return int(n * (1 - ratio) + 1e-9)
+
+
 @dataclass
 class LossOutput:
     loss: torch.Tensor            # adaptive-weighted loss, batch mean (carries gradients)
@@ -75,7 +80,7 @@ class Objective(ABC):
         a, b = self._times(n, generator, device), self._times(n, generator, device)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
         if self.cfg.mask_layout == "front":  # official: the first int(n * (1 - ratio)) examples
-            fm = torch.arange(n, device=device) < int(n * (1 - self.cfg.ratio) + 1e-9)
+            fm = torch.arange(n, device=device) < fm_rows(n, self.cfg.ratio)
         else:
             fm = torch.rand(n, generator=generator, device=device) >= self.cfg.ratio
         return t, torch.where(fm, t, r)

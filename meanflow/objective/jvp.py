@@ -33,13 +33,18 @@ def jvp_plan(net, u_fn, api: str, tangents, y=None):
     """(u_fn, api) for `jvp`. On "explicit": the DiT's hand-derived rules on (z, t, h = t - r) with
     dh = dt - dr for tangents (dz, dr, dt) when `supports(net)` (exactly the DiT), else forward_ad
     with a warning (the U-Net, the iMF DiT: explicit_tangent covers no other net)."""
-    if api != "explicit":
-        return u_fn, api
-    if explicit_tangent.supports(net):
-        dz, dr, dt = tangents
-        return (lambda z_, r_, t_: explicit_tangent.dit_jvp(net, (z_, t_, t_ - r_), (dz, dt, dt - dr), y)), api
-    _warn_fallback(net)
-    return u_fn, "forward_ad"
+    taken = api_taken(net, api)
+    if taken != "explicit":
+        if api == "explicit":
+            _warn_fallback(net)
+        return u_fn, taken
+    dz, dr, dt = tangents
+    return (lambda z_, r_, t_: explicit_tangent.dit_jvp(net, (z_, t_, t_ - r_), (dz, dt, dt - dr), y)), taken
+
+
+def api_taken(net, api: str) -> str:
+    """The jvp path `api` takes on `net`: "explicit" is forward_ad beyond the DiT."""
+    return "forward_ad" if api == "explicit" and not explicit_tangent.supports(net) else api
 
 
 def _warn_fallback(net):

@@ -6,8 +6,9 @@ batch sizes against meanflow.costs' memory model. One process per network; print
 
     python bench/fullsize.py [--only MF-B/4 iMF-B/2 ...] [--work DIR] [--json FILE]
 
-Needs about 20 GB of memory and 35 GB of disk for the XL/2 networks (their checkpoints: 8 GB each);
-the work directory is emptied as it goes. Each network runs in its own process (peak RSS is per
+The XL/2 networks need about 14 GiB of memory at batch 2 (the second batch of the memory check is
+sized to 80% of what is free) and 35 GB of disk (their checkpoints: 11 GB each); the work directory
+is emptied as it goes. Each network runs in its own process (peak RSS is per
 process) with glibc's mmap threshold fixed so freed tensors leave RSS.
 """
 from __future__ import annotations
@@ -64,7 +65,15 @@ def main():
     a = ap.parse_args()
     if a.one:
         return one(a.one[0], a.one[1], Path(a.work), Path(a.one[2]), a.batch, a.big)
-    todo = [n for n in NETWORKS if not a.only or n[1] in a.only or n[1].replace("ratio_25", "MF-B/4") in a.only]
+    from meanflow import config
+    params = config.load_params()
+    names = {}   # an experiment or its network's name -> (tier, experiment)
+    for tier, exp in NETWORKS:
+        names[exp] = names[config.resolve(params, tier, exp).model.name] = (tier, exp)
+    unknown = [n for n in a.only or () if n not in names]
+    if unknown:
+        ap.error(f"--only: unknown network {', '.join(unknown)}; choose from {', '.join(sorted(names))}")
+    todo = [n for n in NETWORKS if not a.only or n in {names[k] for k in a.only}]
     tmp = tempfile.TemporaryDirectory(prefix="fullsize-") if a.work is None else None
     work = Path(a.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)

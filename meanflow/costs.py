@@ -246,11 +246,18 @@ def pick_accum(cfg, per_rank_batch: int, capacity_bytes: float, net=None, world:
     mem = memory or train_memory(cfg, net, autocast_dtype)
     persistent = world > 1   # DDP's flat gradient buffer; accumulation keeps gradients across micro-batches too
     room = capacity_bytes - reserve
-    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
     for n in (n for n in range(1, per_rank_batch + 1) if per_rank_batch % n == 0):
         need = mem.peak(per_rank_batch // n, persistent or n > 1)
         if need <= room:
-            return n, (f"predicted peak {gib(need)} of {gib(room)} available (state {gib(mem.state)}, "
-                       f"{mem.activations / 2**20:.0f} MiB per example)")
+            return n, (f"predicted peak {size(need)} of {size(room)} available (state {size(mem.state)}, "
+                       f"{size(mem.activations)} per example)")
     need = mem.peak(1, True)
-    return per_rank_batch, f"does not fit: one example needs {gib(need)}, {gib(room)} available"
+    return per_rank_batch, f"does not fit: one example needs {size(need)}, {size(room)} available"
+
+
+def size(b: float) -> str:
+    """Bytes for a log line: GiB, or MiB / KiB below one (the tiny tier's nets: not '0.0 GiB')."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if b >= scale:
+            return f"{b / scale:.1f} {unit}"
+    return f"{b / 2**10:.1f} KiB"

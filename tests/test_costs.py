@@ -136,5 +136,8 @@ def test_peak_and_accumulation_pick():
     n, why = costs.pick_accum(None, 256, cap, world=8, memory=mem)
     assert n == 4 and "predicted peak" in why                              # 256 / 4 = 64 examples fit exactly
     assert costs.pick_accum(None, 256, cap + 1e12, world=8, memory=mem)[0] == 1
+    tiny = costs.Memory(params=10**5, fm_row=1e4, jvp_row=1e4, ratio=0.25)   # the tiny tier's scale: no "0.0 GiB"
+    assert costs.pick_accum(None, 32, 2**30, memory=tiny) == (
+        1, "predicted peak 1.9 MiB of 1.0 GiB available (state 1.9 MiB, 9.8 KiB per example)")
     n, why = costs.pick_accum(None, 256, 19e9, world=8, memory=mem)
     assert n == 256 and why.startswith("does not fit")

@@ -64,3 +64,10 @@ def test_memory_model_matches_peak_rss_at_two_batches(b4):
     # the slope: what the extra examples cost, measured against the model
     slope_model, slope_rss = big["model"] - small["model"], big["peak"] - small["peak"]
     assert abs(slope_model - slope_rss) / slope_rss < MODEL_RTOL
+
+
+def test_unknown_network_is_refused_before_any_work(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "fullsize.py"), "--only", "MF-XXL/2", "--work", str(tmp_path / "w")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "unknown network MF-XXL/2; choose from MF-B/2, MF-B/4," in p.stderr
+    assert "unet-cifar10" in p.stderr and not (tmp_path / "w").exists()

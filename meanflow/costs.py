@@ -20,6 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .objective.base import fm_rows
+from .runtime import autocast_to
 
 IMAGENET_TRAIN = 1_281_167       # ILSVRC2012 train images (encoded once, with their flips)
 H100_BF16_DENSE = 989e12         # H100 SXM peak bf16 tensor FLOP/s without sparsity
@@ -212,7 +213,7 @@ def count_saved(net, objective, batch: int, shape: tuple, num_classes: int, jvp:
     x = torch.randn(batch, *shape, generator=g, device=dev)
     y = torch.randint(0, num_classes, (batch,), generator=g, device=dev) if num_classes else None
     t = torch.full((batch,), 0.8, device=dev)
-    ac = torch.autocast(dev.type, autocast_dtype) if autocast_dtype else torch.autocast(dev.type, enabled=False)
+    ac = autocast_to(dev.type, autocast_dtype)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda a: a), ac:
         out = objective(net, x, y, generator=g, t=t, r=t * 0.4 if jvp else t,
                         drop=torch.zeros(batch, dtype=torch.bool, device=dev))

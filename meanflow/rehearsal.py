@@ -167,7 +167,7 @@ def _batch(rep, k: int, batch: int, autocast_dtype=None):
     tc, d = rep.cfg.train, rep.cfg.data
     b = load_batch(rep.store, rep.sampler, rep.objective, k, batch, 0, 1, tc.seed, rep.device,
                    conditional=d.num_classes > 0, augment=d.augment)
-    return b, torch.autocast("cpu", autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+    return b, runtime.autocast_to("cpu", autocast_dtype)
 
 
 def _steps(rep, ks, batch: int, autocast_dtype=None) -> tuple[list[float], float]:

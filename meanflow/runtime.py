@@ -97,6 +97,12 @@ def autocast(dev: torch.device, precision: str = "bf16"):
     return torch.autocast(dev.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def autocast_to(dev_type: str, dtype=None):
+    """Autocast to `dtype` on any device (the CPU's bf16 included: the memory model, the rehearsal),
+    or explicitly off when None, so an outer autocast does not leak in."""
+    return torch.autocast(dev_type, dtype) if dtype else torch.autocast(dev_type, enabled=False)
+
+
 def seed_of(*parts) -> int:
     """A 63-bit seed from explicit parts, e.g. (run seed, "objective", step) or (sample seed,
     "sample", i): a hash, so nearby parts give unrelated streams."""
